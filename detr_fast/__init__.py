@@ -1,0 +1,17 @@
+"""detr_fast: a fast, drop-in backbone stage for DETR-family detectors.
+
+The names here follow Deformable-DETR's conventions (the seed's); DETR's are in detr_fast.detr.
+"""
+from .backbone import Backbone, BackboneBase, Joiner, build_backbone
+from .dispatch import BACKENDS
+from .frozen_bn import FrozenBatchNorm2d
+from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "Backbone", "BackboneBase", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
+    "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_backbone", "build_position_encoding",
+    "nested_tensor_from_tensor_list",
+]

@@ -1,0 +1,20 @@
+"""Command line: `python -m detr_fast profile [...]`."""
+import argparse
+import sys
+from typing import List, Optional
+
+from . import profile
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m detr_fast")
+    commands = parser.add_subparsers(dest="command", required=True)
+    profile.add_arguments(commands.add_parser("profile", help="time the stage, reference vs detr_fast"))
+    args = parser.parse_args(argv)
+    if args.command == "profile":
+        return profile.main(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The seed's (Deformable-DETR's) backbone conventions: layers 2-4, lists of strides and channels.
+
+DETR's own conventions (layers 1-4, an int num_channels) are in detr_fast.detr.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from .nested_tensor import NestedTensor
+from .position_encoding import build_position_encoding
+from .reference import downsample_mask_reference
+from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
+
+
+class MaskedBackboneBase(nn.Module):
+    """A ResNet body returning the chosen layers, each with its padding mask downsampled."""
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, return_layers: Dict[str, str]):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        freeze_parameters(backbone, train_backbone)
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        xs = self.body(tensor_list.tensors)
+        out: Dict[str, NestedTensor] = {}
+        for name, x in xs.items():
+            m = tensor_list.mask
+            if m is None:
+                raise ValueError("the backbone needs tensor_list.mask, got a NestedTensor without a mask")
+            out[name] = NestedTensor(x, downsample_mask_reference(m, [x.shape[-2], x.shape[-1]]))
+        return out
+
+
+class BackboneBase(MaskedBackboneBase):
+    """Deformable-DETR's BackboneBase: layer2-4 (strides 8, 16, 32) or layer4 alone (32)."""
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, return_interm_layers: bool,
+                 channels: Dict[str, int] = layer_channels("resnet50")):
+        if return_interm_layers:
+            return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+            strides = [8, 16, 32]
+        else:
+            return_layers = {"layer4": "0"}
+            strides = [32]
+        super().__init__(backbone, train_backbone, return_layers)
+        self.strides = strides
+        self.num_channels = [channels[layer] for layer in return_layers]
+
+
+class Backbone(BackboneBase):
+    """ResNet backbone with frozen BatchNorm (Deformable-DETR conventions)."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 *, pretrained: bool = True):
+        body = make_frozen_resnet(name, dilation, pretrained)
+        super().__init__(body, train_backbone, return_interm_layers, layer_channels(name))
+        if dilation:
+            self.strides[-1] = self.strides[-1] // 2
+
+
+class JoinerBase(nn.Sequential):
+    """Backbone then position embedding; returns ([NestedTensor per level], [pos per level])."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+
+    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+        xs = self[0](tensor_list)
+        names = list(xs.keys())
+        names.sort()
+        out: List[NestedTensor] = []
+        pos: List[Tensor] = []
+        for name in names:
+            x = xs[name]
+            out.append(x)
+            pos.append(self[1](x).to(x.tensors.dtype))
+        return out, pos
+
+
+class Joiner(JoinerBase):
+    """Deformable-DETR's Joiner: also exposes the backbone's strides and num_channels."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+
+def build_backbone(args) -> Joiner:
+    """From args.lr_backbone, masks, num_feature_levels, backbone, dilation, hidden_dim and
+    position_embedding, as Deformable-DETR. ``args.pretrained`` (default True) is honoured."""
+    position_embedding = build_position_encoding(args)
+    train_backbone = args.lr_backbone > 0
+    return_interm_layers = bool(args.masks or (args.num_feature_levels > 1))
+    backbone = Backbone(args.backbone, train_backbone, return_interm_layers, bool(args.dilation),
+                        pretrained=getattr(args, "pretrained", True))
+    return Joiner(backbone, position_embedding)

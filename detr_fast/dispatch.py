@@ -1,0 +1,53 @@
+"""Backend selection: which implementation a module runs, decided explicitly and observably.
+
+"torch" is the reference path, "triton" the kernels, "auto" picks the kernels for CUDA tensors
+when Triton imports and the reference path otherwise (CPU, TorchScript, ONNX export). The
+environment variable DETR_FAST_BACKEND, when set, replaces "auto" (never an explicit choice).
+"""
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "DETR_FAST_BACKEND"
+
+
+def check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _env_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def _exporting() -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
+    if _exporting():
+        return "torch"
+    if backend == "auto":
+        backend = _env_backend()
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend

@@ -1,0 +1,106 @@
+"""NestedTensor: a padded batch of images and its padding mask.
+
+Same class shape as DETR's ``util.misc.NestedTensor`` (and scriptable like it), plus one optional
+piece of metadata: ``image_sizes``, the (height, width) of every image before padding, as a CPU
+int64 tensor of shape B x 2. nested_tensor_from_tensor_list fills it in. With it the kernels know
+that the mask is a top-left rectangle per image and never need to read the mask or synchronize
+with the device to find its extent. The sizes are trusted only while the mask is unchanged: the
+mask's version counter at creation is recorded, and an in-place edit of the mask disables them
+(except for inference tensors, which have no version counter).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class NestedTensor(object):
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor], image_sizes: Optional[Tensor] = None):
+        self.tensors = tensors
+        self.mask = mask
+        self.image_sizes = image_sizes
+        # Version of the mask when image_sizes was computed; -1 when there are no sizes.
+        self.mask_version: int = -1
+        if image_sizes is not None and mask is not None:
+            self.mask_version = _tensor_version(mask)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
+        cast_tensor = self.tensors.to(device, non_blocking=non_blocking)
+        mask = self.mask
+        cast_mask: Optional[Tensor] = None
+        if mask is not None:
+            cast_mask = mask.to(device, non_blocking=non_blocking)
+        sizes: Optional[Tensor] = None
+        if self.rectangular_sizes() is not None:
+            # The sizes stay on the host: they are launch metadata, not data.
+            sizes = self.image_sizes
+        return NestedTensor(cast_tensor, cast_mask, sizes)
+
+    @torch.jit.unused
+    def record_stream(self, *args, **kwargs) -> None:
+        self.tensors.record_stream(*args, **kwargs)
+        if self.mask is not None:
+            self.mask.record_stream(*args, **kwargs)
+
+    def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.tensors, self.mask
+
+    def rectangular_sizes(self) -> Optional[Tensor]:
+        """The per-image (h, w) if they still describe the mask, else None."""
+        sizes = self.image_sizes
+        mask = self.mask
+        if sizes is None or mask is None:
+            return None
+        if _tensor_version(mask) != self.mask_version:
+            return None
+        return sizes
+
+    def __repr__(self) -> str:
+        return str(self.tensors)
+
+
+def _tensor_version(t: Tensor) -> int:
+    # Inference tensors keep no version counter: under torch.inference_mode an in-place edit of
+    # the mask after padding cannot be detected (documented in the README).
+    if torch.jit.is_scripting() or t.is_inference():
+        return 0
+    return int(t._version)
+
+
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
+    """Pad C x H x W images to one B x C x Hmax x Wmax batch, zeros at the bottom and right.
+
+    The mask is True on padding. Unlike a zero fill followed by copies, every element of the
+    batch is written exactly once: the images are copied in and only the padding is zeroed.
+    """
+    if not isinstance(tensor_list, (list, tuple)):
+        raise TypeError(f"tensor_list must be a list of 3-D tensors, got {type(tensor_list).__name__}")
+    if len(tensor_list) == 0:
+        raise ValueError("tensor_list must hold at least one image, got an empty list")
+    first = tensor_list[0]
+    for i, img in enumerate(tensor_list):
+        if not isinstance(img, Tensor):
+            raise TypeError(f"tensor_list[{i}] must be a torch.Tensor, got {type(img).__name__}")
+        if img.dim() != 3:
+            raise ValueError(f"tensor_list[{i}] must be 3-D (C x H x W), got shape {tuple(img.shape)}")
+        if img.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"tensor_list[{i}] has {img.shape[0]} channels, expected {first.shape[0]} like tensor_list[0]")
+        if img.dtype != first.dtype:
+            raise ValueError(f"tensor_list[{i}] has dtype {img.dtype}, expected {first.dtype} like tensor_list[0]")
+        if img.device != first.device:
+            raise ValueError(f"tensor_list[{i}] is on {img.device}, expected {first.device} like tensor_list[0]")
+
+    sizes = [(int(img.shape[1]), int(img.shape[2])) for img in tensor_list]
+    b, c = len(tensor_list), int(first.shape[0])
+    h = max(s[0] for s in sizes)
+    w = max(s[1] for s in sizes)
+    batch = torch.empty((b, c, h, w), dtype=first.dtype, device=first.device)
+    mask = torch.ones((b, h, w), dtype=torch.bool, device=first.device)
+    for img, pad_img, m, (ih, iw) in zip(tensor_list, batch, mask, sizes):
+        pad_img[:, :ih, :iw].copy_(img)
+        pad_img[:, ih:, :].zero_()
+        pad_img[:, :ih, iw:].zero_()
+        m[:ih, :iw] = False
+    image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(b, 2)
+    return NestedTensor(batch, mask, image_sizes)

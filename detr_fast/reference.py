@@ -1,0 +1,77 @@
+"""The reference path: DETR's formulas written once, in plain PyTorch.
+
+These functions are the oracle the kernels are tested against and the fallback the modules use
+wherever the kernels do not apply (CPU, TorchScript, ONNX export). They follow the reference
+code operation by operation, including its float32 rounding, and must stay that way: a change
+here changes what "correct" means for every kernel.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pad_images_reference(tensor_list: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Zero-fill a B x C x Hmax x Wmax batch and copy each image to its top-left corner.
+
+    Returns (batch, mask) with mask True on padding.
+    """
+    max_size = [max(int(img.shape[d]) for img in tensor_list) for d in range(3)]
+    b = len(tensor_list)
+    first = tensor_list[0]
+    batch = torch.zeros([b] + max_size, dtype=first.dtype, device=first.device)
+    mask = torch.ones((b, max_size[1], max_size[2]), dtype=torch.bool, device=first.device)
+    for img, pad_img, m in zip(tensor_list, batch, mask):
+        pad_img[: img.shape[0], : img.shape[1], : img.shape[2]].copy_(img)
+        m[: img.shape[1], : img.shape[2]] = False
+    return batch, mask
+
+
+def downsample_mask_reference(mask: Tensor, size: List[int]) -> Tensor:
+    """Nearest-neighbour resize of a B x H x W bool mask to B x size[0] x size[1]."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
+    """dim_t of the reference: temperature ** (2 * (i // 2) / num_pos_feats), float32."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * (dim_t // 2) / num_pos_feats)
+
+
+def sine_embedding_reference(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
+                             scale: float, offset: float, eps: float) -> Tensor:
+    """Sine position embedding of a B x H x W padding mask (True = padding).
+
+    Returns a B x 2F x H x W float32 tensor that is a permuted view of a contiguous B x H x W x 2F
+    buffer, like the reference. Channels [0, F) encode the row (y), [F, 2F) the column (x);
+    within each half, even channels are sin and odd ones cos of the same frequency.
+    ``offset`` is added to the cumulative position (-0.5 in Deformable-DETR); normalization
+    divides by the image's un-offset extent, as Deformable-DETR does.
+    """
+    not_mask = ~mask
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    if normalize:
+        y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
+    elif offset != 0.0:
+        y_embed = y_embed + offset
+        x_embed = x_embed + offset
+
+    dim_t = sine_frequencies(num_pos_feats, temperature, mask.device)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def learned_embedding_reference(row_weight: Tensor, col_weight: Tensor, batch: int, h: int, w: int) -> Tensor:
+    """Learned position embedding: B x 2F x h x w, column (x) half first, then the row (y) half."""
+    x_emb = col_weight[:w]
+    y_emb = row_weight[:h]
+    return torch.cat([
+        x_emb.unsqueeze(0).repeat(h, 1, 1),
+        y_emb.unsqueeze(1).repeat(1, w, 1),
+    ], dim=-1).permute(2, 0, 1).unsqueeze(0).repeat(batch, 1, 1, 1)
