@@ -2,12 +2,12 @@
 
 DETR's own conventions (layers 1-4, an int num_channels) are in detr_fast.detr.
 """
-from typing import Dict, List, Tuple
+from typing import Dict
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
+from .joiner import JoinerBase
 from .nested_tensor import NestedTensor
 from .position_encoding import build_position_encoding
 from .reference import downsample_mask_reference
@@ -60,25 +60,6 @@ class Backbone(BackboneBase):
         super().__init__(body, train_backbone, return_interm_layers, layer_channels(name))
         if dilation:
             self.strides[-1] = self.strides[-1] // 2
-
-
-class JoinerBase(nn.Sequential):
-    """Backbone then position embedding; returns ([NestedTensor per level], [pos per level])."""
-
-    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
-        super().__init__(backbone, position_embedding)
-
-    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
-        xs = self[0](tensor_list)
-        names = list(xs.keys())
-        names.sort()
-        out: List[NestedTensor] = []
-        pos: List[Tensor] = []
-        for name in names:
-            x = xs[name]
-            out.append(x)
-            pos.append(self[1](x).to(x.tensors.dtype))
-        return out, pos
 
 
 class Joiner(JoinerBase):

@@ -1,7 +1,8 @@
 """DETR's own backbone conventions: layers 1-4 for segmentation, an int num_channels."""
 from torch import nn
 
-from .backbone import JoinerBase, MaskedBackboneBase
+from .backbone import MaskedBackboneBase
+from .joiner import JoinerBase
 from .position_encoding import build_position_encoding
 from .resnet import layer_channels, make_frozen_resnet
 
