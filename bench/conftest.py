@@ -1,0 +1,212 @@
+"""pytest-benchmark configuration: command-line options, parametrization and the measuring loop.
+
+    pytest bench/ --benchmark-only [--bench-scale S] [--bench-batches 2,8] [--bench-dtypes ...]
+                                   [--bench-impls ...] [--bench-device ...] [--bench-warmup N]
+
+The same command runs on CPU and CUDA; the defaults follow the device (full DETR sizes and
+float32 + bfloat16 on CUDA; a quarter of the size and float32 on a CPU, so that the whole run takes
+minutes on two cores). Each test module sets STAGE; every test is parametrized by the case
+(level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
+shape share a benchmark group, so the comparison table lines reference, detr_fast and compile up.
+"""
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from typing import List, Optional
+
+import pytest
+import torch
+
+try:
+    import pytest_benchmark  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[test]'") from err
+
+from bench import stages
+
+CPU_DEFAULT_SCALE = 0.25
+CUDA_DEFAULT_SCALE = 1.0
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("detr_fast benchmarks")
+    group.addoption("--bench-device", default=None,
+                    help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    group.addoption("--bench-scale", type=float, default=None,
+                    help=f"image size factor on DETR's 800x1066 and 750x1333 (default {CUDA_DEFAULT_SCALE} "
+                         f"on CUDA, {CPU_DEFAULT_SCALE} on CPU)")
+    group.addoption("--bench-batches", default="2,8",
+                    help="comma-separated numbers of images, DETR's pair repeated (default 2,8)")
+    group.addoption("--bench-dtypes", default=None,
+                    help="comma-separated among float32, bfloat16, float16 (default float32,bfloat16 on "
+                         "CUDA, float32 on CPU); reduced precision = autocast for backbone and joiner")
+    group.addoption("--bench-impls", default=",".join(stages.IMPLS),
+                    help=f"comma-separated among {', '.join(stages.IMPLS)} (default all)")
+    group.addoption("--bench-warmup", type=int, default=None,
+                    help="untimed calls before measuring, after any compilation (default 3 on CUDA, 1 on CPU)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    scale: float
+    batches: List[int]
+    dtypes: List[str]
+    impls: List[str]
+    warmup: int
+
+
+def _split(value: str, option: str, allowed=None) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise pytest.UsageError(f"{option} must name at least one value, got {value!r}")
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise pytest.UsageError(f"{option}: {bad} not among {list(allowed)}")
+    return items
+
+
+def settings(config) -> Settings:
+    cached = getattr(config, "_detr_fast_bench_settings", None)
+    if cached is not None:
+        return cached
+    name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--bench-device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--bench-device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--bench-device must be cpu or cuda[:N], got {name!r}")
+    on_cuda = device.type == "cuda"
+    scale = config.getoption("--bench-scale")
+    scale = scale if scale is not None else (CUDA_DEFAULT_SCALE if on_cuda else CPU_DEFAULT_SCALE)
+    if not 0 < scale <= 4:
+        raise pytest.UsageError(f"--bench-scale must be in (0, 4], got {scale}")
+    try:
+        batches = [int(b) for b in _split(config.getoption("--bench-batches"), "--bench-batches")]
+    except ValueError as err:
+        raise pytest.UsageError(f"--bench-batches must be comma-separated ints: {err}") from err
+    if any(b < 1 for b in batches):
+        raise pytest.UsageError(f"--bench-batches must be >= 1, got {batches}")
+    dtypes = config.getoption("--bench-dtypes") or ("float32,bfloat16" if on_cuda else "float32")
+    warmup = config.getoption("--bench-warmup")
+    warmup = warmup if warmup is not None else (3 if on_cuda else 1)
+    if warmup < 0:
+        raise pytest.UsageError(f"--bench-warmup must be >= 0, got {warmup}")
+    result = Settings(device, scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
+                      _split(config.getoption("--bench-impls"), "--bench-impls", stages.IMPLS), warmup)
+    config._detr_fast_bench_settings = result
+    return result
+
+
+def pytest_generate_tests(metafunc):
+    stage = getattr(metafunc.module, "STAGE", None)
+    if stage is None or "case" not in metafunc.fixturenames:
+        return
+    s = settings(metafunc.config)
+    all_cases = stages.cases(stage, s.scale, s.batches, s.dtypes)
+    metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+    metafunc.parametrize("impl", s.impls)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _synchronized(fn, device: torch.device):
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)  # the measured time is the device's, not the launch's
+        return out
+    return call
+
+
+def _peak_memory(fn, device: torch.device) -> Optional[dict]:
+    """Peak bytes allocated by one call (CUDA only; CPU has no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return {"peak_memory_bytes": int(peak), "peak_memory_over_inputs_bytes": int(peak - before)}
+
+
+@pytest.fixture
+def run_stage(benchmark, request):
+    """run_stage(case, impl): build, warm up (compilation included), check, then measure."""
+    s = settings(request.config)
+
+    def run(case: stages.Case, impl: str) -> None:
+        benchmark.group = case.group
+        benchmark.extra_info.update({
+            "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": device_name(s.device),
+            "dtype": case.dtype, "batch": case.batch, "shape": case.shape, "level": case.level,
+            "scale": case.scale, "image_sizes": [list(hw) for hw in case.image_sizes],
+        })
+        if impl == "detr_fast":
+            benchmark.extra_info["detr_fast"] = stages.fast_path_note()
+        try:
+            runner = stages.build(case, impl, s.device)
+        except stages.Unavailable as why:
+            pytest.skip(f"{impl} unavailable: {why}")
+        fn = _synchronized(runner.fn, s.device)
+        with torch.no_grad():
+            try:
+                out = fn()  # the first call compiles (torch.compile, Triton autotuning): not timed
+            except Exception as err:
+                if impl != "compile":
+                    raise
+                pytest.skip(f"torch.compile failed here: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            benchmark.extra_info["max_error"] = runner.error(out)
+            del out
+            for _ in range(s.warmup):
+                fn()
+            memory = _peak_memory(fn, s.device)
+            if memory:
+                benchmark.extra_info.update(memory)
+            benchmark(fn)
+    return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what produced the numbers: device, versions, commit, settings."""
+    s = settings(config)
+    info = {"device": str(s.device), "device_name": device_name(s.device), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "scale": s.scale, "batches": s.batches, "dtypes": s.dtypes,
+            "impls": s.impls, "warmup": s.warmup, "detr_fast": stages.fast_path_note()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        info["commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                                        text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    machine_info["detr_fast_bench"] = info
