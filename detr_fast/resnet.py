@@ -25,6 +25,10 @@ def make_frozen_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Module
         raise ValueError(f"name must be one of {RESNET_NAMES}, got {name!r}")
     if not isinstance(dilation, bool):
         raise TypeError(f"dilation must be a bool, got {type(dilation).__name__}")
+    if dilation and name in _BASIC_BLOCK_NAMES:
+        # torchvision's BasicBlock raises NotImplementedError deep inside the constructor; say why here.
+        raise ValueError(f"dilation=True needs a bottleneck ResNet (resnet50 or deeper), got name={name!r}: "
+                         "torchvision's BasicBlock (resnet18/resnet34) does not support dilation")
     weights = None
     if pretrained:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
