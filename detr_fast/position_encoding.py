@@ -1,13 +1,110 @@
 """Position embeddings of DETR: the sine one (the kernels' target) and the learned one."""
 import math
+import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .dispatch import check_backend, resolve_backend
+from .dispatch import ENV_VAR, _exporting, check_backend, resolve_backend
 from .nested_tensor import NestedTensor
 from .reference import learned_embedding_reference, sine_embedding_reference
+from .sine_separable import rectangle_sizes, sine_embedding_separable
+
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    dynamo = getattr(torch, "_dynamo", None)
+    return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
+
+
+def check_mask(mask: Tensor, name: str = "mask") -> None:
+    """ValueError unless ``mask`` is a 3-D (B x H x W) bool tensor."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = padding), got dtype {mask.dtype}")
+    if mask.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (B x H x W), got shape {tuple(mask.shape)}")
+
+
+def check_image_sizes(image_sizes: Tensor, mask: Tensor, name: str = "image_sizes") -> None:
+    """ValueError unless ``image_sizes`` is an integer B x 2 tensor of (h, w) that fit the mask."""
+    batch, height, width = mask.shape
+    if not isinstance(image_sizes, Tensor) or image_sizes.dtype.is_floating_point \
+            or image_sizes.dtype == torch.bool or image_sizes.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of per-image (h, w), got {image_sizes!r}")
+    if tuple(image_sizes.shape) != (batch, 2):
+        raise ValueError(f"{name} must have shape ({batch}, 2) to match the mask, got {tuple(image_sizes.shape)}")
+    # Values are checked on the host only: reading device memory would synchronize, and a
+    # compiled graph cannot branch on them.
+    if image_sizes.device.type == "cpu" and not _compiling():
+        for b, (h, w) in enumerate(image_sizes.tolist()):
+            if not (0 <= h <= height and 0 <= w <= width):
+                raise ValueError(f"{name}[{b}] = ({h}, {w}) does not fit the {height} x {width} mask")
+
+
+def rectangular_sizes(tensor_list: NestedTensor) -> Optional[Tensor]:
+    """The NestedTensor's per-image sizes if they still describe its mask, else None."""
+    if _compiling():
+        # Dynamo cannot follow the mask's version counter; a compiled model trusts the sizes
+        # nested_tensor_from_tensor_list recorded (documented in the README).
+        return tensor_list.image_sizes
+    return tensor_list.rectangular_sizes()
+
+
+def _reference_only(backend: str) -> bool:
+    """True when the user asked for the reference path itself (not just "not the kernels")."""
+    if _exporting() or backend == "torch":
+        return True
+    return backend == "auto" and os.environ.get(ENV_VAR, "auto").strip().lower() == "torch"
+
+
+def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: int, temperature: float,
+                   normalize: bool, scale: float, offset: float, eps: float, dtype: torch.dtype,
+                   backend: str) -> Tensor:
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"dtype must be one of {_OUT_DTYPES}, got {dtype}")
+    batch, height, width = mask.shape
+    if image_sizes is not None:
+        check_image_sizes(image_sizes, mask)
+    if resolve_backend(backend, mask.device) == "triton":
+        from .ops import sine_masks_pos
+        return sine_masks_pos(mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale,
+                              offset, eps, dtype, False)[1]
+    args = (num_pos_feats, temperature, normalize, scale, offset, eps)
+    if _reference_only(backend) or _compiling():
+        pos = sine_embedding_reference(mask, *args)
+    else:
+        # The separable fallback; a CPU mask can be checked for rectangularity cheaply.
+        sizes = image_sizes
+        if sizes is None and mask.device.type == "cpu":
+            sizes = rectangle_sizes(mask)
+        if sizes is None:
+            pos = sine_embedding_reference(mask, *args)
+        else:
+            pos = sine_embedding_separable(sizes, height, width, *args, device=mask.device)
+    return pos if dtype == torch.float32 else pos.to(dtype)
+
+
+def sine_position_embedding(mask: Tensor, num_pos_feats: int = 64, temperature: float = 10000,
+                            normalize: bool = False, scale: Optional[float] = None, *, offset: float = 0.0,
+                            eps: float = 1e-6, image_sizes: Optional[Tensor] = None,
+                            dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
+    """Functional PositionEmbeddingSine: the B x 2F x H x W embedding of a B x H x W bool mask.
+
+    ``image_sizes`` (optional, CPU integer B x 2): each image's valid (h, w), promising the mask is
+    that top-left rectangle — the kernels then never read the mask. ``dtype``: float32, or
+    bfloat16/float16 computed in float32 and rounded once. ``backend`` as for the module.
+    """
+    module = PositionEmbeddingSine(num_pos_feats, temperature, normalize, scale, offset=offset, eps=eps,
+                                   backend=backend)
+    check_mask(mask)
+    return module.embed(mask, image_sizes, dtype)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -45,9 +142,7 @@ class PositionEmbeddingSine(nn.Module):
             raise ValueError("PositionEmbeddingSine needs tensor_list.mask, got a NestedTensor without a mask")
         if torch.jit.is_scripting():
             return self.reference(mask)
-        if resolve_backend(self.backend, mask.device) == "torch":
-            return self.reference(mask)
-        return self._forward_triton(tensor_list)
+        return self._forward_eager(tensor_list)
 
     def reference(self, mask: Tensor) -> Tensor:
         """The reference computation for a B x H x W bool mask."""
@@ -55,9 +150,28 @@ class PositionEmbeddingSine(nn.Module):
                                         self.scale, self.offset, self.eps)
 
     @torch.jit.unused
-    def _forward_triton(self, tensor_list: NestedTensor) -> Tensor:
-        raise NotImplementedError("backend='triton' for PositionEmbeddingSine is not implemented yet; "
-                                  "use backend='torch' or 'auto'")
+    def _forward_eager(self, tensor_list: NestedTensor) -> Tensor:
+        mask = tensor_list.mask
+        assert mask is not None
+        check_mask(mask, "tensor_list.mask")
+        tensors = tensor_list.tensors
+        if isinstance(tensors, Tensor) and tensors.dim() > 0 and tensors.shape[0] != mask.shape[0]:
+            raise ValueError(f"tensor_list.mask has batch {mask.shape[0]} but tensor_list.tensors has batch "
+                             f"{tensors.shape[0]}; expected the same")
+        return self.embed(mask, rectangular_sizes(tensor_list), torch.float32)
+
+    @torch.jit.unused
+    def uses_kernels(self, device: torch.device) -> bool:
+        """Whether forward runs the Triton kernels for tensors on ``device``."""
+        return resolve_backend(self.backend, device) == "triton"
+
+    @torch.jit.unused
+    def embed(self, mask: Tensor, image_sizes: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        """This module's embedding of a checked B x H x W bool mask, in ``dtype`` (computed in
+        float32, rounded once). ``image_sizes``: the images' valid (h, w) if the mask is known
+        to be rectangular (CPU int64 B x 2), else None."""
+        return _sine_dispatch(mask, image_sizes, self.num_pos_feats, self.temperature, self.normalize,
+                              self.scale, self.offset, self.eps, dtype, self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "

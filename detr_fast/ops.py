@@ -1,0 +1,105 @@
+"""The Triton sine embedding as a PyTorch custom operator.
+
+``torch.ops.detr_fast.sine_masks_pos`` is opaque to torch.compile: with its fake (meta)
+implementation, ``torch.compile(fullgraph=True)`` traces a model that calls it without a graph
+break and calls the kernel at run time. Registered through ``torch.library.custom_op`` (torch >=
+2.4) or, on older torch, ``torch.library.Library`` + ``register_fake``/``impl_abstract``/Meta.
+
+Schema: (mask, image_sizes?, height, width, num_pos_feats, temperature, normalize, scale, offset,
+eps, dtype, need_mask) -> (level_mask, pos) where pos is the contiguous B x h x w x 2F buffer
+(callers view it as B x 2F x h x w, the reference layout) and level_mask the B x h x w
+nearest-downsampled mask, or an empty tensor when need_mask is False.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import downsample_mask_reference, sine_frequencies
+
+_OP_NAME = "detr_fast::sine_masks_pos"
+_SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
+           "bool normalize, float scale, float offset, float eps, ScalarType dtype, bool need_mask) "
+           "-> (Tensor, Tensor)")
+
+_FREQUENCIES: Dict[Tuple[int, float, str], Tensor] = {}
+
+
+def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
+    """reference.sine_frequencies, computed once per (F, temperature, device). Computed on the
+    device itself, as the reference does, so the kernel divides by bit-identical values."""
+    key = (num_pos_feats, float(temperature), str(device))
+    dim_t = _FREQUENCIES.get(key)
+    if dim_t is None:
+        dim_t = sine_frequencies(num_pos_feats, temperature, device).contiguous()
+        _FREQUENCIES[key] = dim_t
+    return dim_t
+
+
+def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
+                         num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+                         offset: float, eps: float, dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
+    from .kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
+
+    dim_t = cached_frequencies(num_pos_feats, temperature, mask.device)
+    if image_sizes is not None:
+        sizes = image_sizes
+        if sizes.device != mask.device:
+            # non_blocking: a pageable host->device copy is staged at once and never waits for
+            # the device, so the common path has no host-device synchronization.
+            sizes = sizes.to(mask.device, non_blocking=True)
+        level_mask, pos = sine_embedding_rect(sizes, (int(mask.shape[1]), int(mask.shape[2])), (height, width),
+                                              dim_t, normalize, scale, offset, eps, dtype, need_mask)
+        if level_mask is None:
+            level_mask = mask.new_empty((0,))
+        return level_mask, pos
+    # Arbitrary masks: the reference downsampling, then cumulative sums + the kernel.
+    level_mask = downsample_mask_reference(mask, [height, width])
+    pos = sine_embedding_general(level_mask, dim_t, normalize, scale, offset, eps, dtype)
+    if not need_mask:
+        level_mask = mask.new_empty((0,))
+    return level_mask, pos
+
+
+def _sine_masks_pos_fake(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
+                         num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+                         offset: float, eps: float, dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
+    batch = mask.shape[0]
+    pos = mask.new_empty((batch, height, width, 2 * num_pos_feats), dtype=dtype)
+    level_mask = mask.new_empty((batch, height, width) if need_mask else (0,), dtype=torch.bool)
+    return level_mask, pos
+
+
+def _register() -> None:
+    library = torch.library
+    if hasattr(library, "custom_op") and hasattr(library, "register_fake"):
+        op = library.custom_op(_OP_NAME, mutates_args=(), schema=_SCHEMA)(_sine_masks_pos_impl)
+        op.register_fake(_sine_masks_pos_fake)
+        return
+    # Older torch: define the schema, one implementation for every backend, and the abstract one.
+    lib = library.Library("detr_fast", "DEF")
+    lib.define("sine_masks_pos" + _SCHEMA)
+    lib.impl("sine_masks_pos", _sine_masks_pos_impl, "CompositeExplicitAutograd")
+    register_fake = getattr(library, "register_fake", None) or getattr(library, "impl_abstract", None)
+    if register_fake is not None:
+        register_fake(_OP_NAME, lib=lib)(_sine_masks_pos_fake)
+    else:
+        lib.impl("sine_masks_pos", _sine_masks_pos_fake, "Meta")
+    _register.lib = lib  # keep the registration alive
+
+
+_register()
+
+
+def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int, num_pos_feats: int,
+                   temperature: float, normalize: bool, scale: float, offset: float, eps: float,
+                   dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
+    """Call the custom op; returns (level_mask, pos as a B x 2F x h x w view in the reference layout).
+
+    No argument checking here: callers (PositionEmbeddingSine, JoinerBase.masks_and_pos,
+    sine_position_embedding) validate first.
+    """
+    level_mask, pos = torch.ops.detr_fast.sine_masks_pos(
+        mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale, offset, eps,
+        dtype, need_mask)
+    return level_mask, pos.permute(0, 3, 1, 2)

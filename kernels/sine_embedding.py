@@ -1,0 +1,251 @@
+"""Triton kernel: DETR's sine position embedding (and the nearest-downsampled padding mask).
+
+One launch writes, for one feature level, the B x H x W x 2F embedding buffer (the caller views it
+as B x 2F x H x W, the reference layout) and optionally the level's B x H x W padding mask.
+
+Two modes, chosen at compile time:
+
+- RECT: every image's valid region is a top-left rectangle whose size (in the *input* mask) is
+  given per image. Nothing is read but those sizes: the level mask follows from PyTorch's nearest
+  index rule, and the embedding is separable, so sin/cos are evaluated per row and per column of a
+  tile and broadcast on the store.
+- GENERAL: an arbitrary mask. The caller passes the cumulative sums of the (already downsampled)
+  not-mask along rows and along columns (two float32 B x H x W tensors, 1/F of the output); the
+  kernel normalizes them and evaluates sin/cos per element.
+
+Precision: the arithmetic replays the reference's float32 operations in the same order
+((pos + offset) / (last + eps) * scale, then / dim_t, then sin or cos). Triton's plain `/` on
+NVIDIA GPUs is an approximate division (up to 2 ulp) and `tl.sin` may be a hardware
+approximation; at positions ~1e3 (normalize=False) or ~1e6 (padding when normalize=True with an
+offset) a 1-ulp change of the argument changes the sine in the 4th digit, so we use IEEE division
+(div_rn) and libdevice's sin/cos, which have proper range reduction, as CUDA's sinf does.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if _INTERPRETED:
+    # The interpreter maps tl.sin/tl.cos to numpy's float32 sin/cos and does not support extern
+    # (libdevice) calls.
+    @triton.jit
+    def _sin(x):
+        return tl.sin(x)
+
+    @triton.jit
+    def _cos(x):
+        return tl.cos(x)
+else:
+    # Where libdevice lives depends on the Triton version: triton.language.extra.libdevice
+    # (3.x dispatcher), triton.language.extra.cuda.libdevice (3.0), tl.math (2.x, libdevice-backed).
+    try:
+        from triton.language.extra import libdevice as _libdevice
+    except ImportError:  # pragma: no cover - depends on the installed Triton
+        try:
+            from triton.language.extra.cuda import libdevice as _libdevice
+        except ImportError:
+            _libdevice = tl.math
+
+    @triton.jit
+    def _sin(x):
+        return _libdevice.sin(x)
+
+    @triton.jit
+    def _cos(x):
+        return _libdevice.cos(x)
+
+
+@triton.jit
+def _normalized(pos, last, offset, eps, scale, NORMALIZE: tl.constexpr):
+    """The reference's position transform, same operations, same order."""
+    if NORMALIZE:
+        return tl.math.div_rn(pos + offset, last + eps) * scale
+    else:
+        return pos + offset
+
+
+@triton.jit
+def _sin_cos(pos, dim_t, odd):
+    """Channel c of the reference: sin(pos / dim_t[c]) for even c, cos for odd c."""
+    arg = tl.math.div_rn(pos, dim_t)
+    return tl.where(odd, _cos(arg), _sin(arg))
+
+
+@triton.jit
+def _source_index(dst, scale, in_size):
+    """PyTorch's 'nearest' rule: min(floor(float(dst) * scale), in_size - 1), scale = in/out in
+    float32. The product is non-negative, so truncation is floor."""
+    return tl.minimum((dst.to(tl.float32) * scale).to(tl.int32), in_size - 1)
+
+
+@triton.jit
+def _level_extent(valid_in, out_size, scale, in_size, BLOCK: tl.constexpr):
+    """How many output indices map to a source index < valid_in. The source index is monotone in
+    the output index, so the valid outputs are a prefix of this length."""
+    count = 0
+    for start in range(0, out_size, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        inside = (idx < out_size) & (_source_index(idx, scale, in_size) < valid_in)
+        count += tl.sum(inside.to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _sine_embedding_kernel(
+    pos_ptr, mask_ptr, dim_t_ptr, sizes_ptr, ycum_ptr, xcum_ptr,
+    height, width, in_height, in_width, scale_h, scale_w,
+    num_pos_feats, n_chunks,
+    offset, eps, scale,
+    RECT: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_MASK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EXTENT_BLOCK: tl.constexpr,
+):
+    pid_w = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    # Axis 2 enumerates (image, half, channel chunk): half 0 is the row (y) half, 1 the column (x).
+    b = pid_z // (2 * n_chunks)
+    half = (pid_z // n_chunks) % 2
+    chunk = pid_z % n_chunks
+
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    chans = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_in = rows < height
+    col_in = cols < width
+    chan_in = chans < num_pos_feats
+    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    odd = (chans % 2) == 1
+
+    # Element (b, i, j, c) of the contiguous B x H x W x 2F buffer; int64 because batch 8 at
+    # stride 4 already passes 2**31 elements.
+    pix = (b * height + rows).to(tl.int64)[:, None] * width + cols[None, :]
+    offs = pix[:, :, None] * (2 * num_pos_feats) + (half * num_pos_feats + chans)[None, None, :]
+    store_mask = row_in[:, None, None] & col_in[None, :, None] & chan_in[None, None, :]
+
+    if RECT:
+        valid_h = tl.load(sizes_ptr + 2 * b).to(tl.int32)
+        valid_w = tl.load(sizes_ptr + 2 * b + 1).to(tl.int32)
+        # The level mask is the input mask sampled at the nearest source row/column.
+        row_valid = _source_index(rows, scale_h, in_height) < valid_h
+        col_valid = _source_index(cols, scale_w, in_width) < valid_w
+        if WRITE_MASK:
+            if half == 0 and chunk == 0:
+                is_pad = ~(row_valid[:, None] & col_valid[None, :])
+                tl.store(mask_ptr + pix, is_pad.to(tl.uint8), mask=row_in[:, None] & col_in[None, :])
+        # The level mask is a top-left rectangle too; the cumulative position in a valid column
+        # is min(i + 1, level_h) and the column's total is level_h. Padding columns are all zero.
+        zero = tl.zeros([1], dtype=tl.float32)
+        pad_value = _sin_cos(_normalized(zero, zero, offset, eps, scale, NORMALIZE)[:, None],
+                             dim_t[None, :], odd[None, :])  # 1 x C
+        if half == 0:
+            level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK)
+            y = tl.minimum(rows + 1, level_h).to(tl.float32)
+            last = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
+            y_value = _sin_cos(_normalized(y, last, offset, eps, scale, NORMALIZE)[:, None],
+                               dim_t[None, :], odd[None, :])  # BLOCK_H x C
+            tile = tl.where(col_valid[None, :, None], y_value[:, None, :], pad_value[:, None, :])
+        else:
+            level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK)
+            x = tl.minimum(cols + 1, level_w).to(tl.float32)
+            last = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
+            x_value = _sin_cos(_normalized(x, last, offset, eps, scale, NORMALIZE)[:, None],
+                               dim_t[None, :], odd[None, :])  # BLOCK_W x C
+            tile = tl.where(row_valid[:, None, None], x_value[None, :, :], pad_value[:, None, :])
+    else:
+        in_tile = row_in[:, None] & col_in[None, :]
+        if half == 0:
+            cum = tl.load(ycum_ptr + pix, mask=in_tile, other=0.0)
+            # The column's total is the cumulative sum at the last row.
+            last_off = (b * height + height - 1).to(tl.int64) * width + cols
+            last = tl.load(ycum_ptr + last_off, mask=col_in, other=0.0)[None, :]
+        else:
+            cum = tl.load(xcum_ptr + pix, mask=in_tile, other=0.0)
+            last_off = (b * height + rows).to(tl.int64) * width + width - 1
+            last = tl.load(xcum_ptr + last_off, mask=row_in, other=0.0)[:, None]
+        value = _normalized(cum, last, offset, eps, scale, NORMALIZE)
+        tile = _sin_cos(value[:, :, None], dim_t[None, None, :], odd[None, None, :])
+
+    tl.store(pos_ptr + offs, tile, mask=store_mask)
+
+
+def _pow2(n: int, cap: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(int(n), 1)), cap))
+
+
+def _nearest_scale(in_size: int, out_size: int) -> float:
+    """PyTorch's float32 scale in/out of 'nearest' (as a Python float holding a float32 value)."""
+    return float(torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32))
+
+
+def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Tensor,
+            sizes: Optional[torch.Tensor], ycum: Optional[torch.Tensor], xcum: Optional[torch.Tensor],
+            in_hw: Tuple[int, int], normalize: bool, scale: float, offset: float, eps: float) -> None:
+    batch, height, width, two_f = pos.shape
+    num_pos_feats = two_f // 2
+    in_h, in_w = in_hw
+    rect = sizes is not None
+    if _INTERPRETED:
+        # Each program is a Python call in the interpreter: few, large programs are fastest.
+        block_h, block_w, block_c = _pow2(height, 16), _pow2(width, 64), _pow2(num_pos_feats, 128)
+        num_warps = 4
+    else:
+        block_c = _pow2(num_pos_feats, 64)
+        block_w = _pow2(width, 16 if rect else 8)
+        block_h = _pow2(height, 8)
+        num_warps = 4
+    n_chunks = triton.cdiv(num_pos_feats, block_c)
+    grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * 2 * n_chunks)
+    dummy = dim_t  # pointer arguments unused in the chosen mode
+    _sine_embedding_kernel[grid](
+        pos, mask_out.view(torch.uint8) if mask_out is not None else dummy, dim_t,
+        sizes if rect else dummy, ycum if ycum is not None else dummy, xcum if xcum is not None else dummy,
+        height, width, in_h, in_w,
+        _nearest_scale(in_h, height) if rect else 1.0, _nearest_scale(in_w, width) if rect else 1.0,
+        num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+        RECT=rect, NORMALIZE=bool(normalize), WRITE_MASK=mask_out is not None,
+        BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
+        EXTENT_BLOCK=_pow2(max(height, width), 256) if rect else 1,
+        num_warps=num_warps,
+    )
+
+
+def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int],
+                        dim_t: torch.Tensor, normalize: bool, scale: float, offset: float, eps: float,
+                        out_dtype: torch.dtype, write_mask: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Level mask and embedding buffer for rectangular padding masks.
+
+    sizes: B x 2 integer tensor on the output device, each image's valid (h, w) in the input mask
+    of size in_hw. dim_t: the F float32 frequencies (reference.sine_frequencies) on that device.
+    Returns (mask B x h x w bool or None, pos B x h x w x 2F of out_dtype, contiguous).
+    """
+    batch = sizes.shape[0]
+    height, width = out_hw
+    num_pos_feats = dim_t.numel()
+    device = dim_t.device
+    pos = torch.empty((batch, height, width, 2 * num_pos_feats), dtype=out_dtype, device=device)
+    mask = torch.empty((batch, height, width), dtype=torch.bool, device=device) if write_mask else None
+    if pos.numel() > 0:
+        _launch(pos, mask, dim_t, sizes.contiguous(), None, None, in_hw, normalize, scale, offset, eps)
+    return mask, pos
+
+
+def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: bool, scale: float,
+                           offset: float, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Embedding buffer (B x H x W x 2F, contiguous) of an arbitrary B x H x W bool mask.
+
+    The cumulative sums are taken with torch.cumsum (exact in float32: they are integers below
+    2**24); the kernel does the normalization and the sin/cos per element.
+    """
+    batch, height, width = mask.shape
+    num_pos_feats = dim_t.numel()
+    pos = torch.empty((batch, height, width, 2 * num_pos_feats), dtype=out_dtype, device=mask.device)
+    if pos.numel() > 0:
+        not_mask = ~mask
+        ycum = not_mask.cumsum(1, dtype=torch.float32).contiguous()
+        xcum = not_mask.cumsum(2, dtype=torch.float32).contiguous()
+        _launch(pos, None, dim_t, None, ycum, xcum, (height, width), normalize, scale, offset, eps)
+    return pos
