@@ -2,15 +2,21 @@
 
 Builds a reference Joiner (the reference path everywhere) and a detr_fast Joiner with the same
 random, non-identity weights, runs both on a DETR-size batch and prints a per-stage table
-(pad, backbone, masks, pos, total) with times, speed-ups and the largest errors.
+(pad, backbone, masks, pos, total) with times, speed-ups, peak memory (CUDA) and the largest errors.
+
+For looking inside: on CUDA every stage runs inside an NVTX range ("reference/backbone", ...), so
+`nsys profile python -m detr_fast profile` shows the stages on the timeline; `--trace PATH` also
+records one untimed pass of every stage with torch.profiler and writes a Chrome trace
+(chrome://tracing or https://ui.perfetto.dev) whose ranges carry the same names.
 """
 import argparse
+import contextlib
 import copy
 import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,9 +54,29 @@ def build_reference_joiner(seed: int = 0, return_interm_layers: bool = True) -> 
 
 
 def make_fast_joiner(reference: Joiner) -> Joiner:
-    """The detr_fast Joiner: the same weights, the kernels wherever they apply."""
+    """The detr_fast Joiner: a copy of ``reference`` with the same weights, converted the way a user
+    converts a model (detr_fast.convert: folded backbone, fused masks and pos), or at least folded
+    (detr_fast.fold_frozen_bn) where this checkout has no convert()."""
+    import detr_fast  # here, not at the top: detr_fast/__init__ does not import this module
+
     fast = copy.deepcopy(reference)
-    fast[1].backend = "auto"
+    convert = getattr(detr_fast, "convert", None)
+    fold = getattr(detr_fast, "fold_frozen_bn", None)
+    if fold is None:
+        try:
+            from .folding import fold_frozen_bn as fold
+        except ImportError:
+            fold = None
+    if callable(convert):
+        log(f"detr_fast.convert: {convert(fast)}")
+    elif callable(fold):
+        fold(fast)
+        log("detr_fast.convert() is missing in this checkout: only the frozen BN is folded")
+    else:
+        log("neither detr_fast.convert() nor fold_frozen_bn() exists in this checkout: "
+            "the detr_fast backbone is the reference's")
+    if hasattr(fast[1], "backend"):
+        fast[1].backend = "auto"
     return fast
 
 
@@ -86,20 +112,76 @@ def _reference_pad(images: List[Tensor]) -> NestedTensor:
     return NestedTensor(*pad_images_reference(images))
 
 
-def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> (float, object):
+@contextlib.contextmanager
+def _nvtx(name: str, device: torch.device) -> Iterator[None]:
+    """An NVTX range on CUDA (visible in Nsight Systems); nothing elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, reps: int, label: str) -> Tuple[float, Any]:
     """Median wall time (ms) of fn() over reps runs after one warm-up run."""
-    result = fn()
+    with _nvtx(f"{label} (warm-up)", device):
+        result = fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with _nvtx(label, device):
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return times[len(times) // 2], result
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[Dict[str, int]]:
+    """CUDA memory of one call of fn(): the peak allocated, and the peak over what was allocated
+    before the call (the stage's own working memory and outputs). None off CUDA: the CPU
+    allocator keeps no such statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return {"peak_bytes": int(peak), "stage_peak_bytes": int(peak - before)}
+
+
+def _stage_calls(impl: "Impl", images: List[Tensor], nt: NestedTensor, feats: Dict[str, Tensor],
+                 masks: List[Tensor]) -> Dict[str, Callable[[], Any]]:
+    return {"pad": lambda: impl.pad(images), "backbone": lambda: impl.backbone(nt),
+            "masks": lambda: impl.masks(nt, feats), "pos": lambda: impl.pos(nt, feats, masks),
+            "total": lambda: impl.total(images)}
+
+
+def write_trace(path: str, impls: List["Impl"], images: List[Tensor], inputs: Dict[str, Tuple],
+                device: torch.device) -> None:
+    """One untimed pass of every stage of every implementation under torch.profiler, as a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        for impl in impls:
+            for stage, call in _stage_calls(impl, images, *inputs[impl.name]).items():
+                with record_function(f"{impl.name}/{stage}"), _nvtx(f"{impl.name}/{stage} (trace)", device):
+                    call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+    prof.export_chrome_trace(path)
 
 
 def _max_abs(a: List[Tensor], b: List[Tensor]) -> float:
@@ -111,29 +193,33 @@ def _max_rel(a: List[Tensor], b: List[Tensor]) -> float:
                for x, y in zip(a, b))
 
 
-def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: float, reps: int) -> Dict:
+def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: float, reps: int,
+                trace_path: Optional[str] = None) -> Dict:
     images = make_images(scale, batch, dtype, device, seed=1)
     reference_joiner = build_reference_joiner().to(device=device, dtype=dtype)
     impls = [Impl("reference", reference_joiner, _reference_pad),
              Impl("detr_fast", make_fast_joiner(reference_joiner), nested_tensor_from_tensor_list)]
     times: Dict[str, Dict[str, float]] = {}
+    memory: Dict[str, Dict[str, Optional[Dict[str, int]]]] = {}
     outputs: Dict[str, Dict[str, object]] = {}
-    with torch.inference_mode():
+    inputs: Dict[str, Tuple] = {}
+    # no_grad as DETR evaluates, not inference_mode: inference tensors have no version counter,
+    # which NestedTensor.image_sizes and the folded weights' cache rely on.
+    with torch.no_grad():
         for impl in impls:
-            t, o = {}, {}
-            log(f"{impl.name}: pad")
-            t["pad"], o["pad"] = _timed(lambda: impl.pad(images), device, reps)
-            nt = o["pad"]
-            log(f"{impl.name}: backbone")
-            t["backbone"], o["backbone"] = _timed(lambda: impl.backbone(nt), device, reps)
-            feats = o["backbone"]
-            log(f"{impl.name}: masks")
-            t["masks"], o["masks"] = _timed(lambda: impl.masks(nt, feats), device, reps)
-            log(f"{impl.name}: pos")
-            t["pos"], o["pos"] = _timed(lambda: impl.pos(nt, feats, o["masks"]), device, reps)
-            log(f"{impl.name}: total")
-            t["total"], o["total"] = _timed(lambda: impl.total(images), device, reps)
-            times[impl.name], outputs[impl.name] = t, o
+            t, o, m = {}, {}, {}
+            for stage in STAGES:
+                # Each stage's inputs are the previous stages' outputs of the same implementation.
+                nt, feats, masks = o.get("pad"), o.get("backbone"), o.get("masks")
+                call = _stage_calls(impl, images, nt, feats, masks)[stage]
+                log(f"{impl.name}: {stage}")
+                t[stage], o[stage] = _timed(call, device, reps, f"{impl.name}/{stage}")
+                m[stage] = _peak_memory(call, device)
+            times[impl.name], outputs[impl.name], memory[impl.name] = t, o, m
+            inputs[impl.name] = (o["pad"], o["backbone"], o["masks"])
+        if trace_path:
+            log(f"{trace_path}: tracing one pass of every stage")
+            write_trace(trace_path, impls, images, inputs, device)
     ref, fast = outputs["reference"], outputs["detr_fast"]
     errors = {
         "pad": max(_max_abs([fast["pad"].tensors], [ref["pad"].tensors]),
@@ -151,21 +237,34 @@ def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: flo
         "batch": len(images),
         "image_sizes": [list(img.shape[1:]) for img in images],
         "reps": reps,
+        "trace": trace_path,
         "stages": {s: {"reference_ms": times["reference"][s], "detr_fast_ms": times["detr_fast"][s],
                        "speedup": times["reference"][s] / max(times["detr_fast"][s], 1e-9),
-                       "max_error": errors[s]} for s in STAGES},
+                       "max_error": errors[s],
+                       "reference_memory": memory["reference"][s],
+                       "detr_fast_memory": memory["detr_fast"][s]} for s in STAGES},
     }
+
+
+def _mib(mem: Optional[Dict[str, int]]) -> str:
+    return "-" if mem is None else f"{mem['stage_peak_bytes'] / 2 ** 20:.1f}"
 
 
 def format_table(report: Dict) -> str:
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  batch: {report['batch']}  "
              f"images: {report['image_sizes']}  torch {report['torch']}  (median of {report['reps']})",
-             f"{'stage':<10}{'reference ms':>14}{'detr_fast ms':>14}{'speed-up':>10}{'max error':>12}"]
+             f"{'stage':<10}{'reference ms':>14}{'detr_fast ms':>14}{'speed-up':>10}{'max error':>12}"
+             f"{'ref MiB':>10}{'fast MiB':>10}"]
     for stage, row in report["stages"].items():
         lines.append(f"{stage:<10}{row['reference_ms']:>14.3f}{row['detr_fast_ms']:>14.3f}"
-                     f"{row['speedup']:>9.2f}x{row['max_error']:>12.2e}")
+                     f"{row['speedup']:>9.2f}x{row['max_error']:>12.2e}"
+                     f"{_mib(row['reference_memory']):>10}{_mib(row['detr_fast_memory']):>10}")
     lines.append("max error: pad = abs diff + mask mismatches, backbone/total = max relative error of "
                  "features (total also pos abs), masks = mismatching elements, pos = max abs error")
+    lines.append("MiB: peak CUDA memory allocated during the stage beyond what was allocated before it "
+                 "(its working memory and outputs); '-' off CUDA")
+    if report.get("trace"):
+        lines.append(f"trace: {report['trace']}")
     return "\n".join(lines)
 
 
@@ -178,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"image size factor (default 1.0 on CUDA, {CPU_DEFAULT_SCALE} on CPU)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per stage (default 10 CUDA, 3 CPU)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+    parser.add_argument("--trace", dest="trace_path", default=None,
+                        help="also write a torch.profiler Chrome trace of one pass of every stage here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -190,8 +291,10 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < scale <= 4:
         raise ValueError(f"--scale must be in (0, 4], got {scale}")
     reps = args.reps if args.reps is not None else (10 if device.type == "cuda" else 3)
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
     log(f"device {device}, dtype {args.dtype}, batch {2 * args.batch} images, scale {scale}")
-    report = run_profile(device, args.batch, DTYPES[args.dtype], scale, reps)
+    report = run_profile(device, args.batch, DTYPES[args.dtype], scale, reps, args.trace_path)
     print(format_table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
