@@ -62,9 +62,19 @@ class NestedTensor(object):
 def _tensor_version(t: Tensor) -> int:
     # Inference tensors keep no version counter: under torch.inference_mode an in-place edit of
     # the mask after padding cannot be detected (documented in the README).
-    if torch.jit.is_scripting() or t.is_inference():
+    if torch.jit.is_scripting():
+        return 0
+    if _compiling() or t.is_inference():
+        # torch.compile cannot trace the version counter (a graph break): compiled code trusts
+        # image_sizes as recorded.
         return 0
     return int(t._version)
+
+
+@torch.jit.unused
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
