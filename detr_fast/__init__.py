@@ -3,7 +3,9 @@
 The names here follow Deformable-DETR's conventions (the seed's); DETR's are in detr_fast.detr.
 """
 from .backbone import Backbone, BackboneBase, Joiner, build_backbone
+from .convert import ConversionReport, convert
 from .dispatch import BACKENDS
+from .folding import fold_frozen_bn, unfold_frozen_bn
 from .frozen_bn import FrozenBatchNorm2d
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
@@ -11,7 +13,7 @@ from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "Backbone", "BackboneBase", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
+    "BACKENDS", "Backbone", "BackboneBase", "ConversionReport", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_backbone", "build_position_encoding",
-    "nested_tensor_from_tensor_list",
+    "nested_tensor_from_tensor_list", "convert", "fold_frozen_bn", "unfold_frozen_bn",
 ]

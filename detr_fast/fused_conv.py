@@ -166,7 +166,9 @@ def _fused_supported(device: torch.device, dtype: torch.dtype, memory_format: to
     ok = _FUSED_OK.get(key)
     if ok is not None:
         return ok
-    if device.type == "cuda" and not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        ok = False  # neither cuDNN's nor oneDNN's fused ops take other dtypes
+    elif device.type == "cuda" and not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
                                       and hasattr(torch, "cudnn_convolution_relu")):
         ok = False
     elif device.type == "cpu" and not (torch.backends.mkldnn.is_available()
