@@ -1,0 +1,105 @@
+"""Backend selection: validation, the DETR_FAST_BACKEND override of "auto", and the CPU default."""
+import pytest
+import torch
+
+from detr_fast import dispatch
+from detr_fast.dispatch import BACKENDS, ENV_VAR, check_backend, resolve_backend
+
+CPU = torch.device("cpu")
+# resolve_backend only looks at the device's type: a CUDA device object needs no GPU.
+CUDA = torch.device("cuda")
+
+
+def test_backends_and_env_var_names():
+    assert BACKENDS == ("auto", "torch", "triton")
+    assert ENV_VAR == "DETR_FAST_BACKEND"
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_check_backend_accepts_known_names(backend):
+    assert check_backend(backend) == backend
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Torch", "", None, 1, "reference"])
+def test_check_backend_rejects_unknown(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend(backend)
+
+
+def test_auto_on_cpu_is_torch():
+    assert resolve_backend("auto", CPU) == "torch"
+
+
+def test_auto_on_cuda_follows_triton_availability(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert resolve_backend("auto", CUDA) == "triton"
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert resolve_backend("auto", CUDA) == "torch"
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_explicit_choice_is_kept(backend, device):
+    assert resolve_backend(backend, device) == backend
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_env_overrides_auto(monkeypatch, device):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert resolve_backend("auto", device) == "triton"
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend("auto", device) == "torch"
+
+
+def test_env_value_is_normalized(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "  Triton ")
+    assert resolve_backend("auto", CPU) == "triton"
+    for value in ("", "auto", "AUTO"):
+        monkeypatch.setenv(ENV_VAR, value)
+        assert resolve_backend("auto", CPU) == "torch"
+
+
+@pytest.mark.parametrize("explicit", ["torch", "triton"])
+def test_env_never_overrides_an_explicit_choice(monkeypatch, explicit):
+    other = "triton" if explicit == "torch" else "torch"
+    monkeypatch.setenv(ENV_VAR, other)
+    assert resolve_backend(explicit, CPU) == explicit
+    # Not even an invalid value: it is only read for "auto".
+    monkeypatch.setenv(ENV_VAR, "gpu")
+    assert resolve_backend(explicit, CPU) == explicit
+
+
+def test_invalid_env_value_raises(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        resolve_backend("auto", CPU)
+
+
+def test_tracing_always_resolves_to_torch():
+    seen = []
+
+    def fn(x):
+        seen.append(resolve_backend("triton", x.device))
+        return x + 1
+
+    # check_trace=False: the trace checker would also run fn eagerly, outside tracing.
+    torch.jit.trace(fn, torch.zeros(2), check_trace=False)
+    assert seen and set(seen) == {"torch"}
+    assert resolve_backend("triton", CPU) == "triton"   # outside tracing the explicit choice holds
+
+
+def test_scripting_resolves_sine_to_the_reference(monkeypatch):
+    # Even with the environment asking for the kernels, a scripted module runs the reference path.
+    from detr_fast import NestedTensor, PositionEmbeddingSine
+    from tests.upstream_reference import UpstreamNestedTensor, UpstreamPositionEmbeddingSine
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    scripted = torch.jit.script(PositionEmbeddingSine(4, normalize=True))
+    mask = torch.rand(1, 3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    expected = UpstreamPositionEmbeddingSine(4, normalize=True)(UpstreamNestedTensor(torch.zeros(1, 1, 3, 5), mask))
+    assert torch.equal(scripted(NestedTensor(torch.zeros(1, 1, 3, 5), mask)), expected)
+
+
+def test_triton_available_is_a_bool():
+    assert isinstance(dispatch.triton_available(), bool)

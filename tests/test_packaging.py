@@ -1,0 +1,75 @@
+"""Packaging: kernels/ installs as detr_fast.kernels and never as a top-level `kernels`; the CLI runs.
+
+The subprocesses run with their working directory outside the repository, so that the current
+directory on sys.path cannot make the repository's folders importable by accident: what they see
+is what an installed detr_fast provides.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_detr_fast_kernels_is_the_repository_kernels_folder():
+    import detr_fast.kernels
+
+    assert Path(detr_fast.kernels.__file__).resolve().parent == REPO / "kernels"
+
+
+def test_top_level_kernels_is_not_ours(tmp_path):
+    # Only find_spec: importing nothing keeps this subprocess fast (no torch import).
+    code = (
+        "import importlib.util, json\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "locations = [] if spec is None else [spec.origin or ''] + list(spec.submodule_search_locations or [])\n"
+        "print(json.dumps(locations))\n"
+    )
+    result = _run(["-c", code], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = REPO / "kernels"
+    for location in json.loads(result.stdout):
+        if location:
+            path = Path(location).resolve()
+            assert path != ours and ours not in path.parents, f"top-level 'kernels' resolves to {path}"
+
+
+def test_build_puts_kernels_under_detr_fast_only(tmp_path):
+    # build_py lays out the files exactly as a wheel would install them (and writes only to tmp_path).
+    result = _run(["setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "detr_fast" / "kernels" / "__init__.py").is_file()
+    assert not (tmp_path / "kernels").exists()
+    for source in (REPO / "kernels").glob("*.py"):
+        assert (tmp_path / "detr_fast" / "kernels" / source.name).is_file(), source.name
+
+
+def test_cli_help(tmp_path):
+    result = _run(["-m", "detr_fast", "--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "profile" in result.stdout
+
+
+def test_cli_profile_help(tmp_path):
+    result = _run(["-m", "detr_fast", "profile", "--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--device", "--batch", "--dtype", "--json"):
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"]])
+def test_cli_without_a_known_command_fails(args, capsys):
+    # In-process (argparse exits with status 2): a third interpreter start would only cost time.
+    from detr_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err.lower()
