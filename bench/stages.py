@@ -30,18 +30,20 @@ import torch
 from torch import Tensor
 
 import detr_fast
+from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from detr_fast.position_encoding import PositionEmbeddingSine
 from detr_fast.profile import DETR_IMAGE_SIZES, build_reference_joiner, make_fast_joiner
 from detr_fast.reference import downsample_mask_reference, pad_images_reference
 
-STAGES = ("pad", "masks", "pos", "backbone", "joiner")
+STAGES = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")
 IMPLS = ("reference", "detr_fast", "compile")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STRIDES = (8, 16, 32)                   # the levels of Deformable-DETR (layers 2-4)
 VARIANTS = ("layer4", "layers2-4")      # DETR's detection backbone; Deformable-DETR's
 # Which dtypes a stage is parametrized over: masks are bool whatever the features' dtype.
-STAGE_DTYPES = {"pad": True, "masks": False, "pos": True, "backbone": True, "joiner": True}
+STAGE_DTYPES = {"pad": True, "masks": False, "pos": True, "masks_pos": True, "backbone": True, "joiner": True}
+LEVEL_STAGES = ("masks", "pos", "masks_pos")
 
 
 class Unavailable(Exception):
@@ -52,8 +54,8 @@ class Unavailable(Exception):
 class Case:
     """One stage at one size: `batch` images (DETR's pair repeated), scaled by `scale`.
 
-    `level` is "s8"/"s16"/"s32" for masks and pos, "layer4"/"layers2-4" for backbone and joiner,
-    "images" for pad.
+    `level` is "s8"/"s16"/"s32" for masks, pos and masks_pos, "layer4"/"layers2-4" for backbone and
+    joiner, "images" for pad.
     """
     stage: str
     level: str
@@ -96,9 +98,9 @@ class Case:
     def shape(self) -> str:
         """The shape that identifies the case: the output for pad, masks and pos, else the input."""
         b = self.batch
-        if self.stage in ("masks", "pos"):
+        if self.stage in LEVEL_STAGES:
             h, w = self.level_size
-            return f"{b}x{POS_CHANNELS}x{h}x{w}" if self.stage == "pos" else f"{b}x{h}x{w}"
+            return f"{b}x{h}x{w}" if self.stage == "masks" else f"{b}x{POS_CHANNELS}x{h}x{w}"
         h, w = self.padded_size
         return f"{b}x3x{h}x{w}"
 
@@ -118,8 +120,12 @@ POS_CHANNELS = 2 * POS_FEATS
 
 def cases(stage: str, scale: float, batches: Sequence[int], dtypes: Sequence[str]) -> List[Case]:
     """Every case of a stage for the given sizes and dtypes."""
-    levels = {"pad": ["images"], "masks": [f"s{s}" for s in STRIDES], "pos": [f"s{s}" for s in STRIDES],
-              "backbone": list(VARIANTS), "joiner": list(VARIANTS)}[stage]
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage in LEVEL_STAGES:
+        levels = [f"s{s}" for s in STRIDES]
+    else:
+        levels = ["images"] if stage == "pad" else list(VARIANTS)
     stage_dtypes = list(dtypes) if STAGE_DTYPES[stage] else ["float32"]
     return [Case(stage, level, dtype, batch, scale)
             for dtype in stage_dtypes for batch in batches for level in levels]
@@ -130,7 +136,6 @@ class Runner:
     """fn() is the measured call; error(out) its largest error against the float32 reference."""
     fn: Callable[[], Any]
     error: Callable[[Any], float]
-    note: str = ""
 
 
 # ---------------------------------------------------------------- inputs and models (cached)
@@ -264,8 +269,8 @@ def _build_masks(case: Case, impl: str, device: torch.device) -> Runner:
     if impl == "detr_fast":
         downsample = _fast_downsample_mask()
         if downsample is None:
-            raise Unavailable("detr_fast has no separate mask step here: the Joiner computes each level's "
-                              "mask inside the fused masks+pos step, measured by the joiner benchmarks")
+            raise Unavailable("detr_fast has no separate mask step: the Joiner computes each level's mask "
+                              "and pos in one fused step, measured by the masks_pos benchmarks")
         return Runner(lambda: downsample(mask, size), error)
     down = compiled(downsample_mask_reference, device)
     return Runner(lambda: down(mask, size), error)
@@ -298,9 +303,52 @@ def _build_pos(case: Case, impl: str, device: torch.device) -> Runner:
         return Runner(lambda: reference(nested).to(dtype), error)
     if impl == "detr_fast":
         fast = PositionEmbeddingSine(POS_FEATS, normalize=True, backend="auto")
-        return Runner(lambda: fast(nested).to(dtype), error)
+        if dtype == torch.float32 or not hasattr(fast, "embed"):
+            return Runner(lambda: fast(nested).to(dtype), error)
+        # detr_fast writes reduced precision directly (computed in float32, rounded once).
+        mask = nested.mask
+        return Runner(lambda: fast.embed(mask, None, dtype), error)
     pos = compiled(reference, device)
     return Runner(lambda: pos(nested).to(dtype), error)
+
+
+def _build_masks_pos(case: Case, impl: str, device: torch.device) -> Runner:
+    """One level of the Joiner after the backbone: the padded batch's mask downsampled to the
+    level, and the position embedding of that mask in the features' dtype."""
+    dtype = DTYPES[case.dtype]
+    padded = _padded(case, device)
+    h, w = case.level_size
+    feature = torch.zeros(case.batch, 1, h, w, device=device, dtype=dtype)
+    reference = PositionEmbeddingSine(POS_FEATS, normalize=True, backend="torch")
+
+    def reference_step(nt: NestedTensor, f: Tensor) -> Tuple[Tensor, Tensor]:
+        assert nt.mask is not None
+        m = downsample_mask_reference(nt.mask, [int(f.shape[-2]), int(f.shape[-1])])
+        return m, reference(NestedTensor(f, m)).to(f.dtype)
+
+    exp_mask, _ = reference_step(padded, feature)
+    exp_pos = reference.reference(exp_mask)
+
+    def error(out) -> float:
+        m, p = out
+        _check_shapes([p], [exp_pos], "masks_pos pos")
+        if p.dtype != dtype:
+            raise AssertionError(f"masks_pos: pos dtype {p.dtype}, expected {dtype}")
+        return _max_abs([p], [exp_pos]) + _mask_mismatches([m], [exp_mask])
+
+    if impl == "reference":
+        return Runner(lambda: reference_step(padded, feature), error)
+    if impl == "detr_fast":
+        joiner = JoinerBase(torch.nn.Identity(), PositionEmbeddingSine(POS_FEATS, normalize=True, backend="auto"))
+        if not hasattr(joiner, "masks_and_pos"):
+            raise Unavailable("this checkout's Joiner has no masks_and_pos step")
+
+        def fast_step() -> Tuple[Tensor, Tensor]:
+            masks, pos = joiner.masks_and_pos(padded, [feature])
+            return masks[0], pos[0]
+        return Runner(fast_step, error)
+    step = compiled(reference_step, device)
+    return Runner(lambda: step(padded, feature), error)
 
 
 def _build_backbone(case: Case, impl: str, device: torch.device) -> Runner:
@@ -364,7 +412,7 @@ def _build_joiner(case: Case, impl: str, device: torch.device) -> Runner:
     return Runner(run, error)
 
 
-_BUILDERS = {"pad": _build_pad, "masks": _build_masks, "pos": _build_pos,
+_BUILDERS = {"pad": _build_pad, "masks": _build_masks, "pos": _build_pos, "masks_pos": _build_masks_pos,
              "backbone": _build_backbone, "joiner": _build_joiner}
 
 

@@ -1,0 +1,104 @@
+"""Every benchmark's function run once at a tiny size on CPU: right output, no timing.
+
+The suites in bench/ time exactly these runners (bench/stages.py), so a benchmark that breaks, or
+that would time something computing the wrong thing, fails here in CI.
+"""
+import pytest
+import torch
+
+from bench import stages
+from detr_fast.reference import downsample_mask_reference
+
+SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
+CPU = torch.device("cpu")
+# Largest error allowed per stage in float32 (see stages.Runner.error for what each one measures):
+# pad and masks are copies and must be exact; pos is the float32 embedding; features are relative.
+TOLERANCE = {"pad": 0.0, "masks": 0.0, "pos": 2e-5, "masks_pos": 2e-5, "backbone": 1e-4, "joiner": 1e-4}
+
+
+def _all_cases():
+    for stage in stages.STAGES:
+        for case in stages.cases(stage, SCALE, [2], ["float32"]):
+            for impl in ("reference", "detr_fast"):
+                yield pytest.param(case, impl, id=f"{stage}-{case.id}-{impl}")
+    # An odd batch (the pair repeated and cut) and reduced precision, once per stage kind.
+    yield pytest.param(stages.Case("pad", "images", "float32", 3, SCALE), "detr_fast", id="pad-b3")
+    yield pytest.param(stages.Case("masks_pos", "s8", "bfloat16", 3, SCALE), "detr_fast", id="masks_pos-bf16")
+
+
+@pytest.mark.parametrize("case,impl", list(_all_cases()))
+def test_runner_output_matches_reference(case, impl):
+    try:
+        runner = stages.build(case, impl, CPU)
+    except stages.Unavailable as why:
+        pytest.skip(str(why))
+    with torch.no_grad():
+        out = runner.fn()
+        error = runner.error(out)
+    tolerance = TOLERANCE[case.stage] if case.dtype == "float32" else 1e-2  # one bf16 step of values <= 1
+    assert 0 <= error <= tolerance, f"{case} {impl}: error {error}"
+
+
+def test_error_functions_detect_a_wrong_output():
+    # The checks above can fail: a perturbed output is reported.
+    with torch.no_grad():
+        runner = stages.build(stages.Case("pos", "s16", "float32", 2, SCALE), "reference", CPU)
+        pos = runner.fn()
+        assert runner.error(pos) == 0
+        assert runner.error(pos + 1e-3) == pytest.approx(1e-3, rel=1e-2)
+
+        runner = stages.build(stages.Case("masks", "s8", "float32", 2, SCALE), "reference", CPU)
+        mask = runner.fn().clone()
+        mask[0, -1, -1] = ~mask[0, -1, -1]
+        assert runner.error(mask) == 1
+
+        runner = stages.build(stages.Case("joiner", "layers2-4", "float32", 2, SCALE), "reference", CPU)
+        levels, pos = runner.fn()
+        levels[0].tensors.mul_(1.01)
+        assert runner.error((levels, pos)) == pytest.approx(0.01, rel=1e-2)
+        with pytest.raises(AssertionError, match="shapes"):
+            runner.error((levels[:1], pos[:1]))
+
+
+def test_case_shapes_are_the_real_ones():
+    # The shapes named in benchmark ids and groups are those the ResNet and the padding produce.
+    with torch.no_grad():
+        for variant in stages.VARIANTS:
+            case = stages.Case("backbone", variant, "float32", 3, SCALE)
+            feats = stages.build(case, "reference", CPU).fn()
+            strides = [32] if variant == "layer4" else [8, 16, 32]
+            for feature, stride in zip(feats.values(), strides):
+                level = stages.Case("masks", f"s{stride}", "float32", 3, SCALE)
+                assert tuple(feature.shape[-2:]) == level.level_size
+        case = stages.Case("pad", "images", "float32", 3, SCALE)
+        nt_shape = "x".join(str(d) for d in stages.build(case, "detr_fast", CPU).fn().tensors.shape)
+        assert case.shape == nt_shape == "3x3x40x67"
+    assert stages.Case("pos", "s32", "float32", 2, SCALE).shape == f"2x{stages.POS_CHANNELS}x2x3"
+    assert stages.Case("masks", "s8", "float32", 8, 1.0).shape == "8x100x167"
+
+
+def test_cases_and_bad_arguments():
+    assert [c.level for c in stages.cases("pos", 1.0, [2], ["float32"])] == ["s8", "s16", "s32"]
+    # masks are bool whatever the dtype: one dtype only.
+    assert len(stages.cases("masks", 1.0, [2, 8], ["float32", "bfloat16"])) == 6
+    assert len(stages.cases("backbone", 1.0, [2, 8], ["float32", "bfloat16"])) == 8
+    with pytest.raises(ValueError, match="stage"):
+        stages.cases("nope", 1.0, [2], ["float32"])
+    with pytest.raises(ValueError, match="dtype"):
+        stages.Case("pad", "images", "float64", 2, 1.0)
+    with pytest.raises(ValueError, match="batch"):
+        stages.Case("pad", "images", "float32", 0, 1.0)
+    with pytest.raises(ValueError, match="impl"):
+        stages.build(stages.Case("pad", "images", "float32", 2, SCALE), "fast", CPU)
+
+
+@pytest.mark.skipif(stages.compile_unavailable_reason(CPU) is not None,
+                    reason=str(stages.compile_unavailable_reason(CPU)))
+def test_compile_runner_once():
+    # torch.compile of the reference, on the cheapest stage (compiling ResNet-50 takes minutes here).
+    case = stages.Case("masks", "s32", "float32", 2, SCALE)
+    runner = stages.build(case, "compile", CPU)
+    with torch.no_grad():
+        out = runner.fn()
+    assert runner.error(out) == 0
+    assert out.dtype == torch.bool and out.shape == (2,) + case.level_size
