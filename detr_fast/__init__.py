@@ -8,7 +8,8 @@ from .dispatch import BACKENDS
 from .folding import fold_frozen_bn, unfold_frozen_bn
 from .frozen_bn import FrozenBatchNorm2d
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
+from .position_encoding import (PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding,
+                                sine_position_embedding)
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "BACKENDS", "Backbone", "BackboneBase", "ConversionReport", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_backbone", "build_position_encoding",
     "nested_tensor_from_tensor_list", "convert", "fold_frozen_bn", "unfold_frozen_bn",
+    "sine_position_embedding",
 ]
