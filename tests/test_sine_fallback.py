@@ -1,0 +1,105 @@
+"""The CPU fallback (backend "auto" on CPU): the separable computation for rectangular masks must
+be exactly equal (torch.equal, same strides) to the reference; other masks take the reference."""
+import random
+
+import pytest
+import torch
+
+import detr_fast.position_encoding as position_encoding
+from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
+from detr_fast.reference import sine_embedding_reference
+from detr_fast.sine_separable import rectangle_sizes, sine_embedding_separable
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+def rect_mask(sizes, height, width):
+    mask = torch.ones((len(sizes), height, width), dtype=torch.bool)
+    for b, (h, w) in enumerate(sizes):
+        mask[b, :h, :w] = False
+    return mask
+
+
+def test_separable_is_bit_identical_to_reference():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(60):
+        batch = int(torch.randint(1, 5, (1,), generator=gen))
+        h, w = (int(v) for v in torch.randint(1, 50, (2,), generator=gen))
+        sizes = [(int(torch.randint(0, h + 1, (1,), generator=gen)), int(torch.randint(0, w + 1, (1,), generator=gen)))
+                 for _ in range(batch)]
+        sizes[0] = (h, w)
+        f = 2 * int(torch.randint(1, 70, (1,), generator=gen))
+        normalize = bool(trial % 2)
+        args = (f, float(torch.rand(1, generator=gen)) * 20000 + 1, normalize, 6.28 if normalize else 1.0,
+                (0.0, -0.5, 0.3)[trial % 3], (1e-6, 1e-2)[trial % 2])
+        mask = rect_mask(sizes, h, w)
+        ref = sine_embedding_reference(mask, *args)
+        out = sine_embedding_separable(torch.tensor(sizes), h, w, *args)
+        context = f"seed={seed} sizes={sizes} {h}x{w} args={args}"
+        assert torch.equal(out, ref), context
+        assert out.stride() == ref.stride(), context
+
+
+def test_rectangle_detection():
+    mask = rect_mask([(3, 5), (0, 0), (4, 2)], 4, 6)
+    assert rectangle_sizes(mask).tolist() == [[3, 5], [0, 0], [4, 2]]
+    mask[0, 0, 0] = True  # a hole: no longer a rectangle
+    assert rectangle_sizes(mask) is None
+    bottom_right = torch.ones((1, 4, 4), dtype=torch.bool)
+    bottom_right[0, 2:, 2:] = False
+    assert rectangle_sizes(bottom_right) is None
+
+
+@pytest.mark.parametrize("with_sizes", [True, False])
+def test_auto_module_on_cpu_uses_separable_path_and_matches(monkeypatch, with_sizes):
+    calls = []
+    real = position_encoding.sine_embedding_separable
+    monkeypatch.setattr(position_encoding, "sine_embedding_separable",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    nt = nested_tensor_from_tensor_list([torch.zeros(3, 13, 30), torch.zeros(3, 21, 9)])
+    if not with_sizes:
+        nt = NestedTensor(nt.tensors, nt.mask)
+    module = PositionEmbeddingSine(32, normalize=True, offset=-0.5)
+    out = module(nt)
+    assert calls, "the auto CPU path should take the separable fallback"
+    ref = module.reference(nt.mask)
+    assert torch.equal(out, ref) and out.stride() == ref.stride()
+
+
+def test_explicit_torch_and_arbitrary_masks_take_the_reference(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("separable path must not run")
+    monkeypatch.setattr(position_encoding, "sine_embedding_separable", fail)
+    nt = nested_tensor_from_tensor_list([torch.zeros(3, 13, 30), torch.zeros(3, 21, 9)])
+    ref_module = PositionEmbeddingSine(16, normalize=True, backend="torch")
+    assert torch.equal(ref_module(nt), sine_embedding_reference(nt.mask, 16, 10000.0, True, ref_module.scale, 0.0, 1e-6))
+    monkeypatch.setenv("DETR_FAST_BACKEND", "torch")
+    PositionEmbeddingSine(16, normalize=True)(nt)  # the env override asks for the reference too
+    monkeypatch.delenv("DETR_FAST_BACKEND")
+    holes = torch.rand((2, 9, 9), generator=torch.Generator().manual_seed(fresh_seed())) < 0.4
+    holes[0, 0, 0] = True
+    module = PositionEmbeddingSine(16, normalize=True)
+    assert torch.equal(module(NestedTensor(torch.zeros(2, 3, 9, 9), holes)), module.reference(holes))
+
+
+def test_edited_mask_invalidates_sizes():
+    nt = nested_tensor_from_tensor_list([torch.zeros(3, 8, 10), torch.zeros(3, 6, 4)])
+    nt.mask[1, 0, 0] = True  # in-place edit after padding: the sizes no longer hold
+    module = PositionEmbeddingSine(8, normalize=True)
+    assert torch.equal(module(nt), module.reference(nt.mask))
+
+
+def test_empty_and_bad_input():
+    module = PositionEmbeddingSine(8, normalize=True)
+    empty = torch.ones((0, 4, 5), dtype=torch.bool)
+    out = module(NestedTensor(torch.zeros(0, 3, 4, 5), empty))
+    assert out.shape == (0, 16, 4, 5)
+    with pytest.raises(ValueError, match="bool"):
+        module(NestedTensor(torch.zeros(1, 3, 4, 5), torch.zeros(1, 4, 5, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="3-D"):
+        module(NestedTensor(torch.zeros(1, 3, 4, 5), torch.zeros(1, 1, 4, 5, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="batch"):
+        module(NestedTensor(torch.zeros(2, 3, 4, 5), torch.zeros(1, 4, 5, dtype=torch.bool)))
