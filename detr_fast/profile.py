@@ -2,7 +2,8 @@
 
 Builds a reference Joiner (the reference path everywhere) and a detr_fast Joiner with the same
 random, non-identity weights, runs both on a DETR-size batch and prints a per-stage table
-(pad, backbone, masks, pos, total) with times, speed-ups, peak memory (CUDA) and the largest errors.
+(pad, backbone, masks, pos, masks_pos = both as the Joiner runs them, total) with times, speed-ups,
+peak memory (CUDA) and the largest errors.
 
 For looking inside: on CUDA every stage runs inside an NVTX range ("reference/backbone", ...), so
 `nsys profile python -m detr_fast profile` shows the stages on the timeline; `--trace PATH` also
@@ -29,7 +30,7 @@ from .reference import downsample_mask_reference, pad_images_reference
 DETR_IMAGE_SIZES = ((800, 1066), (750, 1333))
 CPU_DEFAULT_SCALE = 0.5  # a 2-core CPU runs the full size in minutes, not about one
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STAGES = ("pad", "backbone", "masks", "pos", "total")
+STAGES = ("pad", "backbone", "masks", "pos", "masks_pos", "total")
 
 
 def log(msg: str) -> None:
@@ -68,7 +69,7 @@ def make_fast_joiner(reference: Joiner) -> Joiner:
         except ImportError:
             fold = None
     if callable(convert):
-        log(f"detr_fast.convert: {convert(fast)}")
+        log(str(convert(fast)))
     elif callable(fold):
         fold(fast)
         log("detr_fast.convert() is missing in this checkout: only the frozen BN is folded")
@@ -103,6 +104,14 @@ class Impl:
 
     def pos(self, nt: NestedTensor, features: Dict[str, Tensor], masks: List[Tensor]) -> List[Tensor]:
         return [self.joiner[1](NestedTensor(f, m)).to(f.dtype) for f, m in zip(features.values(), masks)]
+
+    def masks_pos(self, nt: NestedTensor, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Both steps as the Joiner runs them: one fused step per level where the Joiner has one."""
+        fused = getattr(self.joiner, "masks_and_pos", None)
+        if self.name != "reference" and fused is not None:
+            return fused(nt, list(features.values()))
+        masks = self.masks(nt, features)
+        return masks, self.pos(nt, features, masks)
 
     def total(self, images: List[Tensor]):
         return self.joiner(self.pad(images))
@@ -163,7 +172,7 @@ def _stage_calls(impl: "Impl", images: List[Tensor], nt: NestedTensor, feats: Di
                  masks: List[Tensor]) -> Dict[str, Callable[[], Any]]:
     return {"pad": lambda: impl.pad(images), "backbone": lambda: impl.backbone(nt),
             "masks": lambda: impl.masks(nt, feats), "pos": lambda: impl.pos(nt, feats, masks),
-            "total": lambda: impl.total(images)}
+            "masks_pos": lambda: impl.masks_pos(nt, feats), "total": lambda: impl.total(images)}
 
 
 def write_trace(path: str, impls: List["Impl"], images: List[Tensor], inputs: Dict[str, Tuple],
@@ -227,6 +236,8 @@ def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: flo
         "backbone": _max_rel(list(fast["backbone"].values()), list(ref["backbone"].values())),
         "masks": float(sum(int((a != b).sum()) for a, b in zip(fast["masks"], ref["masks"]))),
         "pos": _max_abs(fast["pos"], ref["pos"]),
+        "masks_pos": _max_abs(fast["masks_pos"][1], ref["masks_pos"][1])
+        + float(sum(int((a != b).sum()) for a, b in zip(fast["masks_pos"][0], ref["masks_pos"][0]))),
         "total": max(_max_rel([x.tensors for x in fast["total"][0]], [x.tensors for x in ref["total"][0]]),
                      _max_abs(fast["total"][1], ref["total"][1])),
     }
@@ -260,7 +271,8 @@ def format_table(report: Dict) -> str:
                      f"{row['speedup']:>9.2f}x{row['max_error']:>12.2e}"
                      f"{_mib(row['reference_memory']):>10}{_mib(row['detr_fast_memory']):>10}")
     lines.append("max error: pad = abs diff + mask mismatches, backbone/total = max relative error of "
-                 "features (total also pos abs), masks = mismatching elements, pos = max abs error")
+                 "features (total also pos abs), masks = mismatching elements, pos = max abs error, "
+                 "masks_pos = pos max abs error + mask mismatches")
     lines.append("MiB: peak CUDA memory allocated during the stage beyond what was allocated before it "
                  "(its working memory and outputs); '-' off CUDA")
     if report.get("trace"):
