@@ -35,13 +35,10 @@ def rectangle_sizes(mask: Tensor) -> Optional[Tensor]:
     return torch.stack([valid_h, valid_w], dim=1).cpu()
 
 
-def _edge_mask(extents: Tensor, length: int, along_rows: bool) -> Tensor:
-    """B x length x 2 (along_rows) or B x 2 x length mask: index 0 valid up to the extent, index 1
-    all padding."""
-    batch = extents.shape[0]
-    valid = torch.arange(length)[None, :] < extents[:, None]  # B x length
-    edge = torch.stack([~valid, torch.ones_like(valid)], dim=2)  # B x length x 2
-    return edge if along_rows else edge.transpose(1, 2)
+def _edge_mask(extents: Tensor, length: int) -> Tensor:
+    """N x length x 2 mask: column 0 valid in rows [0, extent), column 1 all padding."""
+    valid = torch.arange(length)[None, :] < extents[:, None]  # N x length
+    return torch.stack([~valid, torch.ones_like(valid)], dim=2)
 
 
 def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_feats: int,
@@ -58,20 +55,18 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_fea
     out = torch.empty((batch, height, width, 2 * f), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out.permute(0, 3, 1, 2)
-    args = (num_pos_feats, temperature, normalize, scale, offset, eps)
-    # y half: column 0 of the tiny mask is a valid column, column 1 a padding one.
-    y_edge = sine_embedding_reference(_edge_mask(sizes[:, 0], height, True).to(device), *args)
-    y_valid = y_edge[:, :f, :, 0].permute(0, 2, 1)  # B x H x F
-    y_pad = y_edge[:, :f, 0, 1]  # B x F
-    # x half: row 0 of the tiny mask is a valid row, row 1 a padding one.
-    x_edge = sine_embedding_reference(_edge_mask(sizes[:, 1], width, False).to(device), *args)
-    x_valid = x_edge[:, f:, 0, :].permute(0, 2, 1)  # B x W x F
-    x_pad = x_edge[:, f:, 1, 0]  # B x F
-    for b, (h_b, w_b) in enumerate(sizes.tolist()):
-        y_half = out[b, :, :, :f]
-        x_half = out[b, :, :, f:]
-        y_half[:, :w_b].copy_(y_valid[b, :, None, :].expand(height, w_b, f))
-        y_half[:, w_b:].copy_(y_pad[b].expand(height, width - w_b, f))
-        x_half[:h_b].copy_(x_valid[b, None, :, :].expand(h_b, width, f))
-        x_half[h_b:].copy_(x_pad[b].expand(height - h_b, width, f))
+    # The x formula along a row is the y formula along a column, so one reference call on a
+    # 2B x L x 2 mask gives both: the first B entries are the images' row extents, the next B
+    # their column extents. Column 0 is a valid column/row, column 1 a padding one.
+    length = max(height, width)
+    edge = _edge_mask(torch.cat([sizes[:, 0], sizes[:, 1]]), length).to(device)
+    values = sine_embedding_reference(edge, num_pos_feats, temperature, normalize, scale, offset, eps)
+    values = values[:, :f].permute(0, 2, 3, 1)  # 2B x L x 2 x F, the y half
+    y_valid, y_pad = values[:batch, :height, 0], values[:batch, :1, 1]  # B x H x F, B x 1 x F
+    x_valid, x_pad = values[batch:, :width, 0], values[batch:, :1, 1]  # B x W x F, B x 1 x F
+    col_valid = torch.arange(width, device=device)[None, :] < sizes[:, 1, None].to(device)  # B x W
+    row_valid = torch.arange(height, device=device)[None, :] < sizes[:, 0, None].to(device)  # B x H
+    # Two selections written straight into the two halves of the output: one write of it.
+    torch.where(col_valid[:, None, :, None], y_valid[:, :, None, :], y_pad[:, :, None, :], out=out[..., :f])
+    torch.where(row_valid[:, :, None, None], x_valid[:, None, :, :], x_pad[:, :, None, :], out=out[..., f:])
     return out.permute(0, 3, 1, 2)
