@@ -44,6 +44,8 @@ def _exporting() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
+    # Validate here too: a module's backend attribute can be reassigned after __init__ checked it.
+    check_backend(backend)
     if _exporting():
         return "torch"
     if backend == "auto":
