@@ -26,6 +26,12 @@ def test_check_backend_rejects_unknown(backend):
         check_backend(backend)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "Torch", None])
+def test_resolve_backend_rejects_unknown(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend(backend, CPU)
+
+
 def test_auto_on_cpu_is_torch():
     assert resolve_backend("auto", CPU) == "torch"
 

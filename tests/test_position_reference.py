@@ -12,7 +12,8 @@ import struct
 import pytest
 import torch
 
-from detr_fast import NestedTensor, PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
+from detr_fast import (NestedTensor, PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding,
+                       nested_tensor_from_tensor_list)
 from detr_fast.reference import downsample_mask_reference, sine_embedding_reference, sine_frequencies
 from tests.upstream_reference import UpstreamNestedTensor, UpstreamPositionEmbeddingSine
 
@@ -61,6 +62,8 @@ MASK_2x3 = [
 def _check_against_hand(out, mask, num_pos_feats, temperature, normalize, scale, offset):
     assert out.shape == (len(mask), 2 * num_pos_feats, len(mask[0]), len(mask[0][0]))
     assert out.dtype == torch.float32
+    b_, c_, h_, w_ = out.shape
+    assert out.stride() == (h_ * w_ * c_, 1, w_ * c_, c_)   # permuted view of contiguous B x H x W x 2F
     for b, m in enumerate(mask):
         expected = torch.tensor(hand_sine(m, num_pos_feats, temperature, normalize, scale, offset),
                                 dtype=torch.float64)
@@ -76,9 +79,14 @@ def test_sine_reference_against_hand_computation(offset, normalize, scale, num_p
     used_scale = TWO_PI if scale is None else scale
     out = sine_embedding_reference(mask, num_pos_feats, temperature, normalize, used_scale, offset, 1e-6)
     _check_against_hand(out, MASK_2x3, num_pos_feats, temperature, normalize, used_scale, offset)
-    module = PositionEmbeddingSine(num_pos_feats, temperature, normalize, scale, offset=offset, backend="torch")
-    out_module = module(NestedTensor(torch.zeros(2, 3, 2, 3), mask))
-    _check_against_hand(out_module, MASK_2x3, num_pos_feats, temperature, normalize, used_scale, offset)
+    # The module, on the reference path and on what "auto" runs here (the default a user gets).
+    for backend in ("torch", "auto"):
+        module = PositionEmbeddingSine(num_pos_feats, temperature, normalize, scale, offset=offset, backend=backend)
+        for nt in (NestedTensor(torch.zeros(2, 3, 2, 3), mask),                    # arbitrary mask
+                   nested_tensor_from_tensor_list([torch.zeros(3, 2, 2), torch.zeros(3, 1, 3)])):  # with sizes
+            assert torch.equal(nt.mask, mask)
+            out_module = module(nt)
+            _check_against_hand(out_module, MASK_2x3, num_pos_feats, temperature, normalize, used_scale, offset)
 
 
 def test_sine_reference_literal_values_detr():
@@ -123,10 +131,11 @@ def test_sine_frequencies_hand_values():
     assert sine_frequencies(4, 9, torch.device("cpu")).dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("b,h,w,f", [(2, 3, 5, 4), (1, 7, 2, 64), (3, 1, 1, 2)])
-def test_sine_layout_is_permuted_channels_last_view(b, h, w, f):
+def test_sine_layout_is_permuted_channels_last_view(b, h, w, f, backend):
     mask = torch.rand(b, h, w) > 0.7
-    out = PositionEmbeddingSine(f, normalize=True, backend="torch")(NestedTensor(torch.zeros(b, 1, h, w), mask))
+    out = PositionEmbeddingSine(f, normalize=True, backend=backend)(NestedTensor(torch.zeros(b, 1, h, w), mask))
     assert out.shape == (b, 2 * f, h, w)
     assert out.dtype == torch.float32
     # A B x 2F x H x W view of a contiguous B x H x W x 2F buffer.
@@ -243,6 +252,9 @@ def test_learned_scripted_equals_eager():
     nt = NestedTensor(torch.zeros(2, 3, 6, 9), torch.zeros(2, 6, 9, dtype=torch.bool))
     assert torch.equal(scripted(nt), module(nt))
     assert scripted(nt)[0, 0, 0, 3].item() == -300
+    assert torch.equal(scripted(nt.tensors), module(nt))   # the Tensor input too
+    with pytest.raises(Exception, match="50"):
+        scripted(torch.zeros(1, 1, 51, 3))
 
 
 # ---------------------------------------------------------------- build_position_encoding
