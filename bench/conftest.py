@@ -9,9 +9,7 @@ minutes on two cores). Each test module sets STAGE; every test is parametrized b
 (level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
 shape share a benchmark group, so the comparison table lines reference, detr_fast and compile up.
 """
-import os
 import platform
-import subprocess
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -109,8 +107,18 @@ def pytest_generate_tests(metafunc):
         return
     s = settings(metafunc.config)
     all_cases = stages.cases(stage, s.scale, s.batches, s.dtypes)
-    metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+    # Plain values, not Case objects, so that the benchmark JSON's "params" hold them (the shape
+    # included) and rows from different runs pair up; the `case` fixture rebuilds the Case.
+    metafunc.parametrize(("level", "dtype", "batch", "shape"),
+                         [(c.level, c.dtype, c.batch, c.shape) for c in all_cases], ids=[c.id for c in all_cases])
     metafunc.parametrize("impl", s.impls)
+
+
+@pytest.fixture
+def case(request, level, dtype, batch, shape) -> stages.Case:
+    result = stages.Case(request.module.STAGE, level, dtype, batch, settings(request.config).scale)
+    assert result.shape == shape
+    return result
 
 
 def device_name(device: torch.device) -> str:
@@ -193,20 +201,19 @@ def run_stage(benchmark, request):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """Record what produced the numbers: device, versions, commit, settings."""
+    """Record what produced the numbers: the device and the versions. (The commit is in the JSON's
+    commit_info already; keeping it out of machine_info lets --benchmark-compare compare commits
+    on one machine without a "machine_info is different" warning.)"""
     s = settings(config)
     info = {"device": str(s.device), "device_name": device_name(s.device), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "scale": s.scale, "batches": s.batches, "dtypes": s.dtypes,
-            "impls": s.impls, "warmup": s.warmup, "detr_fast": stages.fast_path_note()}
+            "cuda": torch.version.cuda, "scale": s.scale, "warmup": s.warmup}
     try:
         import triton
         info["triton"] = triton.__version__
     except Exception:
         info["triton"] = None
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        info["commit"] = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+    if s.device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+        major, minor = torch.cuda.get_device_capability(s.device)
+        info["capability"] = f"{major}.{minor}"
     machine_info["detr_fast_bench"] = info

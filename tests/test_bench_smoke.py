@@ -102,3 +102,44 @@ def test_compile_runner_once():
         out = runner.fn()
     assert runner.error(out) == 0
     assert out.dtype == torch.bool and out.shape == (2,) + case.level_size
+
+
+def _fake_benchmark(impl, dtype, seconds, stage="pos", level="s32", shape="2x256x25x42"):
+    info = {"stage": stage, "impl": impl, "device": "cpu", "dtype": dtype, "batch": 2, "shape": shape,
+            "level": level, "max_error": 0.0}
+    return {"extra_info": info, "stats": {"median": seconds, "min": seconds, "mean": seconds}}
+
+
+def test_plot_speedups_table_and_png(tmp_path):
+    from bench import plot
+
+    data = {"benchmarks": [_fake_benchmark("reference", "float32", 4e-3),
+                           _fake_benchmark("detr_fast", "float32", 1e-3),
+                           _fake_benchmark("compile", "float32", 2e-3),
+                           _fake_benchmark("reference", "bfloat16", 3e-3),
+                           _fake_benchmark("detr_fast", "bfloat16", 5e-4),
+                           _fake_benchmark("detr_fast", "float32", 1e-3, shape="8x256x25x42"),  # no reference
+                           {"extra_info": {}, "stats": {"median": 1.0}}],                       # not ours
+            "machine_info": {"detr_fast_bench": {"device_name": "Test GPU", "torch": "x", "triton": "y"}},
+            "commit_info": {"id": "0123456789abcdef", "dirty": False}}
+    rows = plot.speedups(data)
+    # Rows sorted by stage, level, dtype, batch, impl; only those with a reference of the same work.
+    assert [(r["impl"], r["dtype"], r["speedup"]) for r in rows] == [
+        ("detr_fast", "bfloat16", 6.0), ("compile", "float32", 2.0), ("detr_fast", "float32", 4.0)]
+    # Against the float32 reference, the bfloat16 detr_fast row is 8x.
+    bf16 = [r for r in plot.speedups(data, baseline_dtype="float32") if r["dtype"] == "bfloat16"]
+    assert [r["speedup"] for r in bf16] == [8.0]
+    table = plot.markdown(rows, "title", "median")
+    assert "| pos | s32 | float32 | 2 | 2x256x25x42 | detr_fast | 4.000 | 1.000 | 4.00x |" in table
+    assert "Test GPU" in plot.describe(data) and "0123456789" in plot.describe(data)
+
+    path = tmp_path / "bench.json"
+    path.write_text(__import__("json").dumps(data))
+    pytest.importorskip("matplotlib")
+    assert plot.main([str(path), "-o", str(tmp_path / "s.png"), "--markdown", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "t.md").read_text() == table.replace("title", "detr_fast speed-up vs the reference — "
+                                                             + plot.describe(data))
+    with pytest.raises(ValueError, match="pytest-benchmark"):
+        (tmp_path / "bad.json").write_text("{}")
+        plot.main([str(tmp_path / "bad.json"), "--markdown", "-"])
