@@ -304,6 +304,35 @@ def test_pretrained_offline_fails_with_clear_runtime_error(cls, monkeypatch):
     assert "resnet18" in str(info.value)
 
 
+@pytest.mark.parametrize("cls", [detr_fast.Backbone, detr.Backbone], ids=["deformable", "detr"])
+def test_pretrained_loads_torchvision_imagenet_v1_weights(cls, monkeypatch):
+    # A BatchNorm2d ResNet's state dict (with num_batches_tracked) stands in for the download.
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(weights=None)
+    for module in source.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.running_var, 0.5, 2.0)
+            nn.init.normal_(module.running_mean)
+    checkpoint = source.state_dict()
+    requested = []
+
+    def fake_download(weights, *args, **kwargs):
+        requested.append(weights)
+        return {k: v.clone() for k, v in checkpoint.items()}
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", fake_download)
+    backbone = cls("resnet18", True, False, False, pretrained=True)
+    # DETR's pretrained=True meant torchvision's original ImageNet weights: IMAGENET1K_V1.
+    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    loaded = backbone.state_dict()
+    for key, value in checkpoint.items():
+        ours = "body." + key
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            assert ours not in loaded
+        else:
+            assert torch.equal(loaded[ours], value), key
+
+
 # ---------------------------------------------------------------- TorchScript
 
 def test_detr_backbone_and_joiner_script_and_match_eager():
