@@ -143,9 +143,10 @@ def test_sine_layout_is_permuted_channels_last_view(b, h, w, f, backend):
     assert out.permute(0, 2, 3, 1).is_contiguous()
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("deformable,normalize", [(False, False), (False, True), (True, True)])
-def test_sine_module_equals_upstream_on_random_masks(seed, deformable, normalize):
+def test_sine_module_equals_upstream_on_random_masks(seed, deformable, normalize, backend):
     g = torch.Generator().manual_seed(seed)
     b, h, w = (int(v) for v in torch.randint(1, 13, (3,), generator=g))
     f = int(torch.randint(1, 20, (1,), generator=g)) * 2
@@ -156,7 +157,7 @@ def test_sine_module_equals_upstream_on_random_masks(seed, deformable, normalize
         for i in range(b):
             mask[i, : int(torch.randint(1, h + 1, (1,), generator=g)), : int(torch.randint(1, w + 1, (1,), generator=g))] = False
     up = UpstreamPositionEmbeddingSine(f, normalize=normalize, deformable=deformable)
-    ours = PositionEmbeddingSine(f, normalize=normalize, offset=-0.5 if deformable else 0.0, backend="torch")
+    ours = PositionEmbeddingSine(f, normalize=normalize, offset=-0.5 if deformable else 0.0, backend=backend)
     expected = up(UpstreamNestedTensor(torch.zeros(b, 3, h, w), mask))
     got = ours(NestedTensor(torch.zeros(b, 3, h, w), mask))
     assert got.shape == expected.shape and got.stride() == expected.stride()
