@@ -52,19 +52,33 @@ def sine_embedding_reference(mask: Tensor, num_pos_feats: int, temperature: floa
     not_mask = ~mask
     y_embed = not_mask.cumsum(1, dtype=torch.float32)
     x_embed = not_mask.cumsum(2, dtype=torch.float32)
-    if normalize:
-        y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
-        x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
-    elif offset != 0.0:
-        y_embed = y_embed + offset
-        x_embed = x_embed + offset
-
+    y_embed = normalize_positions(y_embed, y_embed[:, -1:, :], normalize, scale, offset, eps)
+    x_embed = normalize_positions(x_embed, x_embed[:, :, -1:], normalize, scale, offset, eps)
     dim_t = sine_frequencies(num_pos_feats, temperature, mask.device)
-    pos_x = x_embed[:, :, :, None] / dim_t
-    pos_y = y_embed[:, :, :, None] / dim_t
-    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = sine_of_positions(y_embed, dim_t)
+    pos_x = sine_of_positions(x_embed, dim_t)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def normalize_positions(embed: Tensor, total: Tensor, normalize: bool, scale: float, offset: float,
+                        eps: float) -> Tensor:
+    """The cumulative position ``embed`` plus ``offset``; with normalize, divided by the row's or
+    column's un-offset ``total`` (+ eps) and multiplied by ``scale``."""
+    if normalize:
+        return (embed + offset) / (total + eps) * scale
+    if offset != 0.0:
+        return embed + offset
+    return embed
+
+
+def sine_of_positions(embed: Tensor, dim_t: Tensor) -> Tensor:
+    """(...) positions -> (..., F): sin(p / dim_t[c]) on even channels c, cos on odd ones.
+
+    sin and cos run on stride-2 slices, as in the reference; callers that must match the reference
+    bit for bit (the separable fallback) go through this same function.
+    """
+    pos = embed[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 def learned_embedding_reference(row_weight: Tensor, col_weight: Tensor, batch: int, h: int, w: int) -> Tensor:
