@@ -1,4 +1,5 @@
 """The ResNet body shared by both conventions: torchvision's ResNet with FrozenBatchNorm2d."""
+import http.client
 from typing import Dict
 
 import torchvision
@@ -36,7 +37,8 @@ def make_frozen_resnet(name: str, dilation: bool, pretrained: bool) -> nn.Module
         return torchvision.models.get_model(name, weights=weights,
                                             replace_stride_with_dilation=[False, False, dilation],
                                             norm_layer=FrozenBatchNorm2d)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, http.client.HTTPException) as err:
+        # OSError covers URLError and socket errors; a cut download raises http.client.IncompleteRead.
         if weights is None:
             raise
         raise RuntimeError(
