@@ -7,6 +7,7 @@ channels, build_backbone from args, TorchScript, and the errors a user can cause
 ResNet-18 and tiny images keep this fast: the depth of the ResNet does not matter for the API.
 """
 import argparse
+import http.client
 import urllib.error
 
 import pytest
@@ -292,10 +293,12 @@ def test_unknown_backbone_name(cls):
         cls("vgg16", False, False, False, pretrained=False)
 
 
+@pytest.mark.parametrize("error", [urllib.error.URLError("network is unreachable"),
+                                   http.client.IncompleteRead(b"partial")], ids=["offline", "cut"])
 @pytest.mark.parametrize("cls", [detr_fast.Backbone, detr.Backbone], ids=["deformable", "detr"])
-def test_pretrained_offline_fails_with_clear_runtime_error(cls, monkeypatch):
+def test_pretrained_offline_fails_with_clear_runtime_error(cls, error, monkeypatch):
     def offline(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable")
+        raise error
 
     # Whatever the weights enum would fetch, fetching fails as it does offline.
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
