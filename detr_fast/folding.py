@@ -74,10 +74,23 @@ def _enter(module: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def _leave(y: Tensor, like: torch.memory_format) -> Tensor:
+def _leave(y: Tensor, like: torch.memory_format, bn_dtype: Optional[torch.dtype]) -> Tensor:
     # Memory format in = memory format out: a caller who passes NCHW-contiguous images gets
     # NCHW-contiguous features, like the reference (code downstream may .view() them).
-    return y.contiguous(memory_format=like)
+    y = y.contiguous(memory_format=like)
+    # The reference's last op per layer is its frozen BN, whose buffers promote the conv's output:
+    # under autocast its features are float32, not bf16/fp16. Return the same dtype, so that the
+    # features and the pos (cast to the features' dtype by the Joiner) match the reference's.
+    if bn_dtype is not None:
+        y = y.to(torch.promote_types(y.dtype, bn_dtype))
+    return y
+
+
+def _bn_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the body's frozen BN buffers (the first buffer), or None without buffers."""
+    for buf in module.buffers():
+        return buf.dtype if buf.is_floating_point() else None
+    return None
 
 
 class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
@@ -85,6 +98,7 @@ class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         like = memory_format_of(x)
+        bn_dtype = _bn_dtype(self)
         x = _enter(self, x)
         stem = self.__dict__.get(_STEM_ATTR)
         out: Dict[str, Tensor] = OrderedDict()
@@ -96,7 +110,7 @@ class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
             else:
                 x = module(x)
             if name in self.return_layers:
-                out[self.return_layers[name]] = _leave(x, like)
+                out[self.return_layers[name]] = _leave(x, like, bn_dtype)
         return out
 
 
