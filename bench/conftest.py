@@ -42,7 +42,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-impls", default=",".join(stages.IMPLS),
                     help=f"comma-separated among {', '.join(stages.IMPLS)} (default all)")
     group.addoption("--bench-warmup", type=int, default=None,
-                    help="untimed calls before measuring, after any compilation (default 3 on CUDA, 1 on CPU)")
+                    help="untimed calls before measuring, after the first one (which compiles and is "
+                         "checked against the reference); default 3 on CUDA, 0 on CPU")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def settings(config) -> Settings:
         raise pytest.UsageError(f"--bench-batches must be >= 1, got {batches}")
     dtypes = config.getoption("--bench-dtypes") or ("float32,bfloat16" if on_cuda else "float32")
     warmup = config.getoption("--bench-warmup")
-    warmup = warmup if warmup is not None else (3 if on_cuda else 1)
+    warmup = warmup if warmup is not None else (3 if on_cuda else 0)
     if warmup < 0:
         raise pytest.UsageError(f"--bench-warmup must be >= 0, got {warmup}")
     result = Settings(device, scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
