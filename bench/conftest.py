@@ -39,6 +39,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default=None,
                     help="comma-separated among float32, bfloat16, float16 (default float32,bfloat16 on "
                          "CUDA, float32 on CPU); reduced precision = autocast for backbone and joiner")
+    group.addoption("--bench-light-scale", type=float, default=1.0,
+                    help="image size factor for the cheap stages (pad, masks, pos, masks_pos); default "
+                         "1.0 everywhere: at a reduced size their levels are a few pixels and the "
+                         "numbers measure Python call overhead, not the work")
     group.addoption("--bench-impls", default=",".join(stages.IMPLS),
                     help=f"comma-separated among {', '.join(stages.IMPLS)} (default all)")
     group.addoption("--bench-warmup", type=int, default=None,
@@ -50,10 +54,15 @@ def pytest_addoption(parser):
 class Settings:
     device: torch.device
     scale: float
+    light_scale: float
     batches: List[int]
     dtypes: List[str]
     impls: List[str]
     warmup: int
+
+    def scale_of(self, stage: str) -> float:
+        """--bench-scale for the network stages, --bench-light-scale for the cheap ones."""
+        return self.scale if stage in stages.NETWORK_STAGES else self.light_scale
 
 
 def _split(value: str, option: str, allowed=None) -> List[str]:
@@ -85,6 +94,9 @@ def settings(config) -> Settings:
     scale = scale if scale is not None else (CUDA_DEFAULT_SCALE if on_cuda else CPU_DEFAULT_SCALE)
     if not 0 < scale <= 4:
         raise pytest.UsageError(f"--bench-scale must be in (0, 4], got {scale}")
+    light_scale = config.getoption("--bench-light-scale")
+    if not 0 < light_scale <= 4:
+        raise pytest.UsageError(f"--bench-light-scale must be in (0, 4], got {light_scale}")
     try:
         batches = [int(b) for b in _split(config.getoption("--bench-batches"), "--bench-batches")]
     except ValueError as err:
@@ -96,7 +108,7 @@ def settings(config) -> Settings:
     warmup = warmup if warmup is not None else (3 if on_cuda else 0)
     if warmup < 0:
         raise pytest.UsageError(f"--bench-warmup must be >= 0, got {warmup}")
-    result = Settings(device, scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
+    result = Settings(device, scale, light_scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
                       _split(config.getoption("--bench-impls"), "--bench-impls", stages.IMPLS), warmup)
     config._detr_fast_bench_settings = result
     return result
@@ -107,7 +119,7 @@ def pytest_generate_tests(metafunc):
     if stage is None or "case" not in metafunc.fixturenames:
         return
     s = settings(metafunc.config)
-    all_cases = stages.cases(stage, s.scale, s.batches, s.dtypes)
+    all_cases = stages.cases(stage, s.scale_of(stage), s.batches, s.dtypes)
     # Plain values, not Case objects, so that the benchmark JSON's "params" hold them (the shape
     # included) and rows from different runs pair up; the `case` fixture rebuilds the Case.
     metafunc.parametrize(("level", "dtype", "batch", "shape"),
@@ -117,7 +129,8 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def case(request, level, dtype, batch, shape) -> stages.Case:
-    result = stages.Case(request.module.STAGE, level, dtype, batch, settings(request.config).scale)
+    stage = request.module.STAGE
+    result = stages.Case(stage, level, dtype, batch, settings(request.config).scale_of(stage))
     assert result.shape == shape
     return result
 
@@ -207,7 +220,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     on one machine without a "machine_info is different" warning.)"""
     s = settings(config)
     info = {"device": str(s.device), "device_name": device_name(s.device), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "scale": s.scale, "warmup": s.warmup}
+            "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup}
     try:
         import triton
         info["triton"] = triton.__version__

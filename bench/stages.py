@@ -44,6 +44,7 @@ VARIANTS = ("layer4", "layers2-4")      # DETR's detection backbone; Deformable-
 # Which dtypes a stage is parametrized over: masks are bool whatever the features' dtype.
 STAGE_DTYPES = {"pad": True, "masks": False, "pos": True, "masks_pos": True, "backbone": True, "joiner": True}
 LEVEL_STAGES = ("masks", "pos", "masks_pos")
+NETWORK_STAGES = ("backbone", "joiner")  # the ResNet runs: what --bench-scale shrinks on CPU
 
 
 class Unavailable(Exception):

@@ -42,6 +42,16 @@ def _exporting() -> bool:
     return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
+@torch.jit.unused
+def compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing the caller. Works across torch versions."""
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    if is_compiling is None:  # older torch
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
     # Validate here too: a module's backend attribute can be reassigned after __init__ checked it.

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import compiling
 from .frozen_bn import FrozenBatchNorm2d
 
 _CACHE_ATTR = "_detr_fast_fold_cache"
@@ -85,7 +86,7 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     if dtype is None:
         dtype = conv.weight.dtype
     sources = _sources(conv, bn)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or _compiling():
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or compiling():
         # Under torch.compile the fold is traced into the graph (storage pointers cannot be read
         # there), where the compiler can constant-fold or fuse it.
         return _fold(conv, bn, dtype, memory_format)
@@ -100,15 +101,6 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     if stamp is not None:
         conv.__dict__[_CACHE_ATTR] = (key, sources, weight, bias)
     return weight, bias
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    if is_compiling is None:  # older torch
-        dynamo = getattr(torch, "_dynamo", None)
-        is_compiling = getattr(dynamo, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -229,7 +221,7 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
         dtype = amp
     memory_format = memory_format_of(x)
     weight, bias = folded_weight_and_bias(conv, bn, dtype, memory_format)
-    if relu and not _compiling() and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
+    if relu and not compiling() and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
                                                   or (residual is not None and residual.requires_grad))):
         epilogue = "relu" if residual is None else "add_relu"
         if _fused_supported(x.device, weight.dtype, memory_format, epilogue):

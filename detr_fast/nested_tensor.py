@@ -13,6 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .dispatch import compiling
+
 
 class NestedTensor(object):
     def __init__(self, tensors: Tensor, mask: Optional[Tensor], image_sizes: Optional[Tensor] = None):
@@ -64,17 +66,11 @@ def _tensor_version(t: Tensor) -> int:
     # the mask after padding cannot be detected (documented in the README).
     if torch.jit.is_scripting():
         return 0
-    if _compiling() or t.is_inference():
+    if compiling() or t.is_inference():
         # torch.compile cannot trace the version counter (a graph break): compiled code trusts
         # image_sizes as recorded.
         return 0
     return int(t._version)
-
-
-@torch.jit.unused
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .dispatch import compiling
 from .reference import downsample_mask_reference, sine_frequencies
 
 _OP_NAME = "detr_fast::sine_masks_pos"
@@ -99,7 +100,12 @@ def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, wid
     No argument checking here: callers (PositionEmbeddingSine, JoinerBase.masks_and_pos,
     sine_position_embedding) validate first.
     """
-    level_mask, pos = torch.ops.detr_fast.sine_masks_pos(
-        mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale, offset, eps,
-        dtype, need_mask)
+    args = (mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale, offset, eps,
+            dtype, need_mask)
+    if compiling():
+        level_mask, pos = torch.ops.detr_fast.sine_masks_pos(*args)
+    else:
+        # Eager: call the implementation directly. The dispatcher's per-call cost is a large part
+        # of a launch-bound level (DETR's stride 32 is ~2 MB), and eager needs nothing it adds.
+        level_mask, pos = _sine_masks_pos_impl(*args)
     return level_mask, pos.permute(0, 3, 1, 2)

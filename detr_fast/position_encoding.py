@@ -6,20 +6,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .dispatch import ENV_VAR, _exporting, check_backend, resolve_backend
+from .dispatch import ENV_VAR, _exporting, check_backend, compiling, resolve_backend
 from .nested_tensor import NestedTensor
 from .reference import learned_embedding_reference, sine_embedding_reference
 from .sine_separable import rectangle_sizes, sine_embedding_separable
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    dynamo = getattr(torch, "_dynamo", None)
-    return bool(dynamo is not None and hasattr(dynamo, "is_compiling") and dynamo.is_compiling())
 
 
 def check_mask(mask: Tensor, name: str = "mask") -> None:
@@ -42,7 +34,7 @@ def check_image_sizes(image_sizes: Tensor, mask: Tensor, name: str = "image_size
         raise ValueError(f"{name} must have shape ({batch}, 2) to match the mask, got {tuple(image_sizes.shape)}")
     # Values are checked on the host only: reading device memory would synchronize, and a
     # compiled graph cannot branch on them.
-    if image_sizes.device.type == "cpu" and not _compiling():
+    if image_sizes.device.type == "cpu" and not compiling():
         for b, (h, w) in enumerate(image_sizes.tolist()):
             if not (0 <= h <= height and 0 <= w <= width):
                 raise ValueError(f"{name}[{b}] = ({h}, {w}) does not fit the {height} x {width} mask")
@@ -50,7 +42,7 @@ def check_image_sizes(image_sizes: Tensor, mask: Tensor, name: str = "image_size
 
 def rectangular_sizes(tensor_list: NestedTensor) -> Optional[Tensor]:
     """The NestedTensor's per-image sizes if they still describe its mask, else None."""
-    if _compiling():
+    if compiling():
         # Dynamo cannot follow the mask's version counter; a compiled model trusts the sizes
         # nested_tensor_from_tensor_list recorded (documented in the README).
         return tensor_list.image_sizes
@@ -77,7 +69,7 @@ def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: i
         return sine_masks_pos(mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale,
                               offset, eps, dtype, False)[1]
     args = (num_pos_feats, temperature, normalize, scale, offset, eps)
-    if _reference_only(backend) or _compiling():
+    if _reference_only(backend) or compiling():
         pos = sine_embedding_reference(mask, *args)
     else:
         # The separable fallback; a CPU mask can be checked for rectangularity cheaply.
