@@ -13,8 +13,10 @@ class JoinerBase(nn.Sequential):
     With a PositionEmbeddingSine whose backend resolves to the kernels (CUDA, or backend="triton")
     and a MaskedBackboneBase backbone, each level's downsampled mask and position embedding come
     from one fused kernel launch (``masks_and_pos``) instead of the backbone downsampling the mask
-    and the embedding recomputing from it. TorchScript, tracing, the learned embedding and other
-    backbones take the generic path, which is the reference computation.
+    and the embedding recomputing from it. On the separable PyTorch fallback (backend "auto" on
+    CPU) with a padded batch's image sizes, each level's mask and pos come from the sizes alone.
+    TorchScript, tracing, backend="torch", the learned embedding and other backbones take the
+    generic path, which is the reference computation.
     """
 
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
@@ -41,11 +43,13 @@ class JoinerBase(nn.Sequential):
         ``tensor_list`` nearest-downsampled to h x w (B x h x w bool, bit-identical to the
         reference) and the position embedding of that mask (B x 2F x h x w in the feature's dtype).
 
-        One fused launch per level when the embedding runs on the kernels (sine embedding); the
-        reference downsampling plus ``self[1]`` otherwise.
+        One fused launch per level when the embedding runs on the kernels (sine embedding); from
+        the image sizes alone on the separable fallback; the reference downsampling plus
+        ``self[1]`` otherwise.
         """
         from .position_encoding import PositionEmbeddingSine, check_image_sizes, check_mask, rectangular_sizes
         from .reference import downsample_mask_reference
+        from .sine_separable import level_sizes, rectangle_mask
 
         mask = tensor_list.mask
         if mask is None:
@@ -76,6 +80,19 @@ class JoinerBase(nn.Sequential):
                 masks.append(m)
                 pos.append(p if p.dtype == f.dtype else p.to(f.dtype))
             return masks, pos
+        sizes = rectangular_sizes(tensor_list)
+        if isinstance(embedding, PositionEmbeddingSine) and sizes is not None and embedding.uses_separable(mask.device):
+            # The separable fallback: each level's extents follow from the image sizes, so neither
+            # the full-resolution mask nor a level mask is read, and pos is written once per level.
+            check_image_sizes(sizes, mask, "tensor_list.image_sizes")
+            masks = []
+            pos = []
+            for f in features:
+                out_hw = (int(f.shape[-2]), int(f.shape[-1]))
+                extents = level_sizes(sizes, (int(mask.shape[1]), int(mask.shape[2])), out_hw)
+                masks.append(rectangle_mask(extents, out_hw[0], out_hw[1], mask.device))
+                pos.append(embedding.embed(masks[-1], extents, _pos_dtype(f)).to(f.dtype))
+            return masks, pos
         masks = [downsample_mask_reference(mask, [int(f.shape[-2]), int(f.shape[-1])]) for f in features]
         pos = [embedding(NestedTensor(f, m)).to(f.dtype) for f, m in zip(features, masks)]
         return masks, pos
@@ -83,14 +100,16 @@ class JoinerBase(nn.Sequential):
     @torch.jit.unused
     def _fuses_masks_and_pos(self, tensor_list: NestedTensor) -> bool:
         from .backbone import MaskedBackboneBase
-        from .position_encoding import PositionEmbeddingSine
+        from .position_encoding import PositionEmbeddingSine, rectangular_sizes
 
         backbone, embedding = self[0], self[1]
         return (isinstance(backbone, MaskedBackboneBase)
                 and type(backbone).forward is MaskedBackboneBase.forward
                 and isinstance(embedding, PositionEmbeddingSine)
                 and tensor_list.mask is not None
-                and embedding.uses_kernels(tensor_list.mask.device))
+                and (embedding.uses_kernels(tensor_list.mask.device)
+                     or (embedding.uses_separable(tensor_list.mask.device)
+                         and rectangular_sizes(tensor_list) is not None)))
 
     @torch.jit.unused
     def _forward_fused(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:

@@ -42,6 +42,8 @@ def check_image_sizes(image_sizes: Tensor, mask: Tensor, name: str = "image_size
 
 def rectangular_sizes(tensor_list: NestedTensor) -> Optional[Tensor]:
     """The NestedTensor's per-image sizes if they still describe its mask, else None."""
+    if not isinstance(tensor_list, NestedTensor):
+        return None  # a duck-typed NestedTensor (e.g. the upstream class) carries no sizes
     if compiling():
         # Dynamo cannot follow the mask's version counter; a compiled model trusts the sizes
         # nested_tensor_from_tensor_list recorded (documented in the README).
@@ -69,7 +71,7 @@ def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: i
         return sine_masks_pos(mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale,
                               offset, eps, dtype, False)[1]
     args = (num_pos_feats, temperature, normalize, scale, offset, eps)
-    if _reference_only(backend) or compiling():
+    if _reference_only(backend) or compiling():  # i.e. not PositionEmbeddingSine.uses_separable
         pos = sine_embedding_reference(mask, *args)
     else:
         # The separable fallback; a CPU mask can be checked for rectangularity cheaply.
@@ -156,6 +158,12 @@ class PositionEmbeddingSine(nn.Module):
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether forward runs the Triton kernels for tensors on ``device``."""
         return resolve_backend(self.backend, device) == "triton"
+
+    @torch.jit.unused
+    def uses_separable(self, device: torch.device) -> bool:
+        """Whether forward runs the separable PyTorch fallback (for rectangular masks) on ``device``:
+        not the kernels, and neither the reference path the user asked for nor a compiled region."""
+        return not self.uses_kernels(device) and not _reference_only(self.backend) and not compiling()
 
     @torch.jit.unused
     def embed(self, mask: Tensor, image_sizes: Optional[Tensor], dtype: torch.dtype) -> Tensor:

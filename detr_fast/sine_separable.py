@@ -11,28 +11,53 @@ sine_of_positions (the same float32 operations on the same integer-valued cumula
 so the result is bit-identical) and are then broadcast into the output with one write of it.
 Cost: O(B·(H+W)·F) sin/cos instead of O(B·H·W·F), plus the output write.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .reference import normalize_positions, sine_frequencies, sine_of_positions
+from .reference import downsample_mask_reference, normalize_positions, sine_frequencies, sine_of_positions
+
+
+def rectangle_mask(sizes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
+    """The B x height x width padding mask (True = padding) whose image b is valid on
+    [0, sizes[b, 0]) x [0, sizes[b, 1])."""
+    sizes = sizes.to(device)
+    rows = torch.arange(height, device=device)[None, :, None] >= sizes[:, 0, None, None]
+    cols = torch.arange(width, device=device)[None, None, :] >= sizes[:, 1, None, None]
+    return rows | cols
 
 
 def rectangle_sizes(mask: Tensor) -> Optional[Tensor]:
     """Each image's valid (h, w) if the B x H x W bool mask (True = padding) is a top-left
     rectangle per image, else None. Reads the mask: meant for CPU tensors (on CUDA it would sync)."""
     batch, height, width = mask.shape
-    not_mask = ~mask
     if height == 0 or width == 0:
         return torch.zeros((batch, 2), dtype=torch.int64)
-    valid_h = not_mask[:, :, 0].sum(1)
-    valid_w = not_mask[:, 0, :].sum(1)
-    rows = torch.arange(height, device=mask.device)[None, :, None] < valid_h[:, None, None]
-    cols = torch.arange(width, device=mask.device)[None, None, :] < valid_w[:, None, None]
-    if not torch.equal(rows & cols, not_mask):
+    not_mask = ~mask
+    sizes = torch.stack([not_mask[:, :, 0].sum(1), not_mask[:, 0, :].sum(1)], dim=1)
+    if not torch.equal(rectangle_mask(sizes, height, width, mask.device), mask):
         return None
-    return torch.stack([valid_h, valid_w], dim=1).cpu()
+    return sizes.cpu()
+
+
+def level_sizes(sizes: Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> Tensor:
+    """Each image's valid (h, w) after the reference's nearest downsampling of its rectangular
+    in_hw mask to out_hw (CPU int64 B x 2).
+
+    The nearest rule maps rows and columns independently, so running downsample_mask_reference on
+    each image's B x H x 1 row edge and B x 1 x W column edge gives the extents with PyTorch's own
+    index rule, reading B x (H + W) elements instead of the B x H x W mask.
+    """
+    sizes = sizes.to(torch.int64).cpu()
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    if sizes.shape[0] == 0 or min(in_h, in_w, out_h, out_w) == 0:
+        return torch.zeros((sizes.shape[0], 2), dtype=torch.int64)
+    row_pad = torch.arange(in_h)[None, :, None] >= sizes[:, 0, None, None]  # B x H x 1
+    col_pad = torch.arange(in_w)[None, None, :] >= sizes[:, 1, None, None]  # B x 1 x W
+    level_h = (~downsample_mask_reference(row_pad, [out_h, 1])).sum((1, 2))
+    level_w = (~downsample_mask_reference(col_pad, [1, out_w])).sum((1, 2))
+    return torch.stack([level_h, level_w], dim=1)
 
 
 def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_feats: int,

@@ -7,8 +7,9 @@ import torch
 
 import detr_fast.position_encoding as position_encoding
 from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
-from detr_fast.reference import sine_embedding_reference
-from detr_fast.sine_separable import rectangle_sizes, sine_embedding_separable
+from detr_fast import FrozenBatchNorm2d as detr_fast_frozen_bn
+from detr_fast.reference import downsample_mask_reference, sine_embedding_reference
+from detr_fast.sine_separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
 
 
 def fresh_seed() -> int:
@@ -103,3 +104,55 @@ def test_empty_and_bad_input():
         module(NestedTensor(torch.zeros(1, 3, 4, 5), torch.zeros(1, 1, 4, 5, dtype=torch.bool)))
     with pytest.raises(ValueError, match="batch"):
         module(NestedTensor(torch.zeros(2, 3, 4, 5), torch.zeros(1, 4, 5, dtype=torch.bool)))
+
+
+def test_level_sizes_follow_pytorch_nearest_rule():
+    """The per-level extents computed from the image sizes give exactly the mask F.interpolate
+    gives, for random rectangular masks and output sizes (down- and upsampling)."""
+    rng = random.Random(fresh_seed())
+    for _ in range(200):
+        batch, height, width = rng.randint(1, 4), rng.randint(1, 300), rng.randint(1, 300)
+        sizes = torch.tensor([[rng.randint(0, height), rng.randint(0, width)] for _ in range(batch)])
+        mask = rect_mask(sizes.tolist(), height, width)
+        assert torch.equal(rectangle_mask(sizes, height, width, torch.device("cpu")), mask)
+        out_h, out_w = rng.randint(1, height + 3), rng.randint(1, width + 3)
+        extents = level_sizes(sizes, (height, width), (out_h, out_w))
+        want = downsample_mask_reference(mask, [out_h, out_w])
+        assert torch.equal(rectangle_mask(extents, out_h, out_w, torch.device("cpu")), want), \
+            (sizes.tolist(), (height, width), (out_h, out_w))
+
+
+@pytest.mark.parametrize("offset", [0.0, -0.5])
+def test_joiner_on_cpu_derives_level_masks_from_sizes(monkeypatch, offset):
+    """backend "auto" on CPU with a padded batch: the Joiner's masks and pos come from the image
+    sizes (the full mask is not downsampled) and equal the reference Joiner's bit for bit."""
+    from torchvision.models import resnet18
+
+    from detr_fast import Joiner
+    from detr_fast.backbone import BackboneBase
+
+    rng = random.Random(fresh_seed())
+    images = [torch.randn(3, rng.randint(20, 90), rng.randint(20, 90)) for _ in range(rng.randint(1, 3))]
+    nt = nested_tensor_from_tensor_list(images)
+    body = resnet18(weights=None, norm_layer=detr_fast_frozen_bn)
+    backbone = BackboneBase(body, False, True, {"layer2": 128, "layer3": 256, "layer4": 512})
+    fast = Joiner(backbone, PositionEmbeddingSine(16, normalize=True, offset=offset)).eval()
+    ref = Joiner(backbone, PositionEmbeddingSine(16, normalize=True, offset=offset, backend="torch")).eval()
+    import torch.nn.functional as F
+
+    resized = []
+    real_interpolate = F.interpolate
+
+    def recording_interpolate(x, *args, **kwargs):
+        resized.append(tuple(x.shape[-2:]))
+        return real_interpolate(x, *args, **kwargs)
+
+    with torch.no_grad():
+        want_out, want_pos = ref(nt)
+        monkeypatch.setattr(F, "interpolate", recording_interpolate)
+        got_out, got_pos = fast(nt)
+    # Only the B x H x 1 and B x 1 x W edges are resized, never the H x W mask.
+    assert resized and tuple(nt.mask.shape[-2:]) not in resized
+    for g, w, gp, wp in zip(got_out, want_out, got_pos, want_pos):
+        assert torch.equal(g.mask, w.mask) and torch.equal(g.tensors, w.tensors)
+        assert torch.equal(gp, wp) and gp.stride() == wp.stride()
