@@ -76,7 +76,8 @@ def describe(data: Dict) -> str:
         dirty = " (uncommitted changes)" if (data.get("commit_info") or {}).get("dirty") else ""
         parts.append(f"commit {commit[:10]}{dirty}")
     if info.get("scale") is not None:
-        parts.append(f"scale {info['scale']}")
+        light = info.get("light_scale")
+        parts.append(f"scale {info['scale']}" + (f" (pad/masks/pos: {light})" if light is not None else ""))
     return ", ".join(parts)
 
 
