@@ -144,29 +144,33 @@ def _sine_embedding_kernel(
         if half == 0:
             level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK)
             y = tl.minimum(rows + 1, level_h).to(tl.float32)
-            last = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
-            y_value = _sin_cos(_normalized(y, last, offset, eps, scale, NORMALIZE)[:, None],
+            total_h = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
+            y_value = _sin_cos(_normalized(y, total_h, offset, eps, scale, NORMALIZE)[:, None],
                                dim_t[None, :], odd[None, :])  # BLOCK_H x C
             tile = tl.where(col_valid[None, :, None], y_value[:, None, :], pad_value[:, None, :])
         else:
             level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK)
             x = tl.minimum(cols + 1, level_w).to(tl.float32)
-            last = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
-            x_value = _sin_cos(_normalized(x, last, offset, eps, scale, NORMALIZE)[:, None],
+            total_w = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
+            x_value = _sin_cos(_normalized(x, total_w, offset, eps, scale, NORMALIZE)[:, None],
                                dim_t[None, :], odd[None, :])  # BLOCK_W x C
             tile = tl.where(row_valid[:, None, None], x_value[None, :, :], pad_value[:, None, :])
     else:
+        # Triton requires a variable assigned in both branches of a runtime `if` to have one type
+        # (shape included), so each branch broadcasts its total to the full tile itself.
         in_tile = row_in[:, None] & col_in[None, :]
         if half == 0:
             cum = tl.load(ycum_ptr + pix, mask=in_tile, other=0.0)
             # The column's total is the cumulative sum at the last row.
-            last_off = (b * height + height - 1).to(tl.int64) * width + cols
-            last = tl.load(ycum_ptr + last_off, mask=col_in, other=0.0)[None, :]
+            col_last = (b * height + height - 1).to(tl.int64) * width + cols
+            total = tl.broadcast_to(tl.load(ycum_ptr + col_last, mask=col_in, other=0.0)[None, :],
+                                    (BLOCK_H, BLOCK_W))
         else:
             cum = tl.load(xcum_ptr + pix, mask=in_tile, other=0.0)
-            last_off = (b * height + rows).to(tl.int64) * width + width - 1
-            last = tl.load(xcum_ptr + last_off, mask=row_in, other=0.0)[:, None]
-        value = _normalized(cum, last, offset, eps, scale, NORMALIZE)
+            row_last = (b * height + rows).to(tl.int64) * width + width - 1
+            total = tl.broadcast_to(tl.load(xcum_ptr + row_last, mask=row_in, other=0.0)[:, None],
+                                    (BLOCK_H, BLOCK_W))
+        value = _normalized(cum, total, offset, eps, scale, NORMALIZE)
         tile = _sin_cos(value[:, :, None], dim_t[None, None, :], odd[None, None, :])
 
     tl.store(pos_ptr + offs, tile, mask=store_mask)
