@@ -33,7 +33,8 @@ import detr_fast
 from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from detr_fast.position_encoding import PositionEmbeddingSine
-from detr_fast.profile import DETR_IMAGE_SIZES, build_reference_joiner, make_fast_joiner
+from detr_fast.profile import (DETR_IMAGE_SIZES, build_reference_joiner, make_fast_joiner, max_abs_error,
+                               max_rel_error)
 from detr_fast.reference import downsample_mask_reference, pad_images_reference
 
 STAGES = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")
@@ -220,15 +221,6 @@ def compiled(fn: Callable, device: torch.device) -> Callable:
 
 # ---------------------------------------------------------------- errors
 
-def _max_abs(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
-
-
-def _max_rel(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return max((float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
-                for x, y in zip(a, b) if x.numel()), default=0.0)
-
-
 def _check_shapes(a: Sequence[Tensor], b: Sequence[Tensor], what: str) -> None:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         raise AssertionError(f"{what}: shapes {[tuple(x.shape) for x in a]} != reference "
@@ -260,7 +252,7 @@ def _build_pad(case: Case, impl: str, device: torch.device) -> Runner:
         tensors, mask = as_pair(out)
         _check_shapes([tensors, mask], list(expected), "pad")
         # Padding copies: the values must be bit-exact and the mask identical.
-        return _max_abs([tensors], [expected[0]]) + float((mask != expected[1]).sum())
+        return max_abs_error([tensors], [expected[0]]) + float((mask != expected[1]).sum())
 
     if impl == "reference":
         return Runner(lambda: pad_images_reference(images), error)
@@ -281,22 +273,10 @@ def _build_masks(case: Case, impl: str, device: torch.device) -> Runner:
     if impl == "reference":
         return Runner(lambda: downsample_mask_reference(mask, size), error)
     if impl == "detr_fast":
-        downsample = _fast_downsample_mask()
-        if downsample is None:
-            raise Unavailable("detr_fast has no separate mask step: the Joiner computes each level's mask "
-                              "and pos in one fused step, measured by the masks_pos benchmarks")
-        return Runner(lambda: downsample(mask, size), error)
+        raise Unavailable("detr_fast has no separate mask step: the Joiner computes each level's mask "
+                          "and pos in one fused step, measured by the masks_pos benchmarks")
     down = compiled(downsample_mask_reference, device)
     return Runner(lambda: down(mask, size), error)
-
-
-def _fast_downsample_mask() -> Optional[Callable[[Tensor, List[int]], Tensor]]:
-    """detr_fast's standalone mask downsampling, if the kernels package offers one."""
-    try:
-        from detr_fast import kernels
-    except ImportError:
-        return None
-    return getattr(kernels, "downsample_mask", None)
 
 
 def _build_pos(case: Case, impl: str, device: torch.device) -> Runner:
@@ -310,7 +290,7 @@ def _build_pos(case: Case, impl: str, device: torch.device) -> Runner:
         _check_shapes([out], [expected], "pos")
         if out.dtype != dtype:
             raise AssertionError(f"pos: dtype {out.dtype}, expected {dtype}")
-        return _max_abs([out], [expected])
+        return max_abs_error([out], [expected])
 
     # The Joiner casts pos to the features' dtype; the cast is part of the stage.
     if impl == "reference":
@@ -348,7 +328,7 @@ def _build_masks_pos(case: Case, impl: str, device: torch.device) -> Runner:
         _check_shapes([p], [exp_pos], "masks_pos pos")
         if p.dtype != dtype:
             raise AssertionError(f"masks_pos: pos dtype {p.dtype}, expected {dtype}")
-        return _max_abs([p], [exp_pos]) + _mask_mismatches([m], [exp_mask])
+        return max_abs_error([p], [exp_pos]) + _mask_mismatches([m], [exp_mask])
 
     if impl == "reference":
         return Runner(lambda: reference_step(padded, feature), error)
@@ -374,7 +354,7 @@ def _build_backbone(case: Case, impl: str, device: torch.device) -> Runner:
     def error(out: Dict[str, Tensor]) -> float:
         values = list(out.values())
         _check_shapes(values, expected, "backbone")
-        return _max_rel(values, expected)
+        return max_rel_error(values, expected)
 
     if impl == "reference":
         body = ref_body
@@ -408,7 +388,7 @@ def _build_joiner(case: Case, impl: str, device: torch.device) -> Runner:
         _check_shapes(pos, exp_pos, "joiner pos")
         mismatches = _mask_mismatches([level.mask for level in levels], exp_masks)
         # Features: relative error (their scale grows through the network); pos: absolute (in [-1, 1]).
-        return max(_max_rel(features, exp_features), _max_abs(pos, exp_pos)) + mismatches
+        return max(max_rel_error(features, exp_features), max_abs_error(pos, exp_pos)) + mismatches
 
     if impl == "reference":
         stage = reference_stage

@@ -62,4 +62,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = _env_backend()
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"detr_fast.kernels is imported, to interpret the kernels), got tensors on {device}")
     return backend

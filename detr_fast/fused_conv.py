@@ -224,7 +224,8 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
     if relu and not compiling() and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
                                                   or (residual is not None and residual.requires_grad))):
         epilogue = "relu" if residual is None else "add_relu"
-        if _fused_supported(x.device, weight.dtype, memory_format, epilogue):
+        # String padding ("same") has no fused kernel: the unfused folded conv handles it.
+        if not isinstance(conv.padding, str) and _fused_supported(x.device, weight.dtype, memory_format, epilogue):
             # The fused ops know nothing of autocast: cast the inputs as autocast would.
             xin = x.to(weight.dtype).contiguous(memory_format=memory_format)
             z = None if residual is None else residual.to(weight.dtype).contiguous(memory_format=memory_format)

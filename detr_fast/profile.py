@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,26 +56,12 @@ def build_reference_joiner(seed: int = 0, return_interm_layers: bool = True) -> 
 
 def make_fast_joiner(reference: Joiner) -> Joiner:
     """The detr_fast Joiner: a copy of ``reference`` with the same weights, converted the way a user
-    converts a model (detr_fast.convert: folded backbone, fused masks and pos), or at least folded
-    (detr_fast.fold_frozen_bn) where this checkout has no convert()."""
-    import detr_fast  # here, not at the top: detr_fast/__init__ does not import this module
+    converts a model (detr_fast.convert: folded backbone, fused masks and pos)."""
+    from .convert import convert
 
     fast = copy.deepcopy(reference)
-    convert = getattr(detr_fast, "convert", None)
-    fold = getattr(detr_fast, "fold_frozen_bn", None)
-    if fold is None:
-        try:
-            from .folding import fold_frozen_bn as fold
-        except ImportError:
-            fold = None
-    if callable(convert):
-        log(str(convert(fast)))
-    elif callable(fold):
-        fold(fast)
-        log("detr_fast.convert() is missing in this checkout: only the frozen BN is folded")
-    else:
-        log("neither detr_fast.convert() nor fold_frozen_bn() exists in this checkout: "
-            "the detr_fast backbone is the reference's")
+    log(str(convert(fast)))
+    # convert() keeps a detr_fast PositionEmbeddingSine as it is; the reference one runs "torch".
     if hasattr(fast[1], "backend"):
         fast[1].backend = "auto"
     return fast
@@ -193,13 +179,15 @@ def write_trace(path: str, impls: List["Impl"], images: List[Tensor], inputs: Di
     prof.export_chrome_trace(path)
 
 
-def _max_abs(a: List[Tensor], b: List[Tensor]) -> float:
-    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+def max_abs_error(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """Largest absolute difference over pairs of tensors (0 for empty ones)."""
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
 
 
-def _max_rel(a: List[Tensor], b: List[Tensor]) -> float:
-    return max(float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
-               for x, y in zip(a, b))
+def max_rel_error(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``, over pairs."""
+    return max((float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-12))
+                for x, y in zip(a, b) if x.numel()), default=0.0)
 
 
 def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: float, reps: int,
@@ -231,15 +219,15 @@ def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: flo
             write_trace(trace_path, impls, images, inputs, device)
     ref, fast = outputs["reference"], outputs["detr_fast"]
     errors = {
-        "pad": max(_max_abs([fast["pad"].tensors], [ref["pad"].tensors]),
+        "pad": max(max_abs_error([fast["pad"].tensors], [ref["pad"].tensors]),
                    float((fast["pad"].mask != ref["pad"].mask).sum())),
-        "backbone": _max_rel(list(fast["backbone"].values()), list(ref["backbone"].values())),
+        "backbone": max_rel_error(list(fast["backbone"].values()), list(ref["backbone"].values())),
         "masks": float(sum(int((a != b).sum()) for a, b in zip(fast["masks"], ref["masks"]))),
-        "pos": _max_abs(fast["pos"], ref["pos"]),
-        "masks_pos": _max_abs(fast["masks_pos"][1], ref["masks_pos"][1])
+        "pos": max_abs_error(fast["pos"], ref["pos"]),
+        "masks_pos": max_abs_error(fast["masks_pos"][1], ref["masks_pos"][1])
         + float(sum(int((a != b).sum()) for a, b in zip(fast["masks_pos"][0], ref["masks_pos"][0]))),
-        "total": max(_max_rel([x.tensors for x in fast["total"][0]], [x.tensors for x in ref["total"][0]]),
-                     _max_abs(fast["total"][1], ref["total"][1])),
+        "total": max(max_rel_error([x.tensors for x in fast["total"][0]], [x.tensors for x in ref["total"][0]]),
+                     max_abs_error(fast["total"][1], ref["total"][1])),
     }
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

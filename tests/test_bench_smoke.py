@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from bench import stages
-from detr_fast.reference import downsample_mask_reference
 
 SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
 CPU = torch.device("cpu")

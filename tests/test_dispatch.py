@@ -109,3 +109,12 @@ def test_scripting_resolves_sine_to_the_reference(monkeypatch):
 
 def test_triton_available_is_a_bool():
     assert isinstance(dispatch.triton_available(), bool)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setenv("DETR_FAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_backend("auto", torch.device("cpu"))

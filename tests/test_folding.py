@@ -1,7 +1,6 @@
 """fold_frozen_bn: the folded ResNet body against the upstream (unfolded) one, in values, gradients,
 state_dict and freshness of the folded weights."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import detr_fast
 from detr_fast import FrozenBatchNorm2d, fold_frozen_bn
 from detr_fast.folding import FoldedBasicBlock, FoldedBottleneck, count_folded, unfold_frozen_bn
 from detr_fast import fused_conv
-from tests.upstream_reference import (DEFORMABLE_LAYERS, UpstreamBackbone, UpstreamNestedTensor,
+from tests.upstream_reference import (DEFORMABLE_LAYERS, UpstreamBackbone,
                                       randomize_frozen_bn_)
 
 
