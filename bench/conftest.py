@@ -22,6 +22,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[test]'") from err
 
 from bench import stages
+from detr_fast.profile import peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
 CUDA_DEFAULT_SCALE = 1.0
@@ -165,16 +166,10 @@ def _synchronized(fn, device: torch.device):
 
 def _peak_memory(fn, device: torch.device) -> Optional[dict]:
     """Peak bytes allocated by one call (CUDA only; CPU has no allocator statistics)."""
-    if device.type != "cuda":
+    mem = peak_memory(fn, device)
+    if mem is None:
         return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out
-    return {"peak_memory_bytes": int(peak), "peak_memory_over_inputs_bytes": int(peak - before)}
+    return {"peak_memory_bytes": mem["peak_bytes"], "peak_memory_over_inputs_bytes": mem["stage_peak_bytes"]}
 
 
 @pytest.fixture

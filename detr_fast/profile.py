@@ -138,7 +138,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, reps: int, label: str) -
     return times[len(times) // 2], result
 
 
-def _peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[Dict[str, int]]:
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[Dict[str, int]]:
     """CUDA memory of one call of fn(): the peak allocated, and the peak over what was allocated
     before the call (the stage's own working memory and outputs). None off CUDA: the CPU
     allocator keeps no such statistics."""
@@ -211,7 +211,7 @@ def run_profile(device: torch.device, batch: int, dtype: torch.dtype, scale: flo
                 call = _stage_calls(impl, images, nt, feats, masks)[stage]
                 log(f"{impl.name}: {stage}")
                 t[stage], o[stage] = _timed(call, device, reps, f"{impl.name}/{stage}")
-                m[stage] = _peak_memory(call, device)
+                m[stage] = peak_memory(call, device)
             times[impl.name], outputs[impl.name], memory[impl.name] = t, o, m
             inputs[impl.name] = (o["pad"], o["backbone"], o["masks"])
         if trace_path:
