@@ -35,7 +35,7 @@ def _env_backend() -> str:
     return value
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
     onnx = getattr(torch, "onnx", None)
@@ -56,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
     # Validate here too: a module's backend attribute can be reassigned after __init__ checked it.
     check_backend(backend)
-    if _exporting():
+    if exporting():
         return "torch"
     if backend == "auto":
         backend = _env_backend()

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .dispatch import ENV_VAR, _exporting, check_backend, compiling, resolve_backend
+from .dispatch import ENV_VAR, exporting, check_backend, compiling, resolve_backend
 from .nested_tensor import NestedTensor
 from .reference import learned_embedding_reference, sine_embedding_reference
 from .sine_separable import rectangle_sizes, sine_embedding_separable
@@ -53,7 +53,7 @@ def rectangular_sizes(tensor_list: NestedTensor) -> Optional[Tensor]:
 
 def _reference_only(backend: str) -> bool:
     """True when the user asked for the reference path itself (not just "not the kernels")."""
-    if _exporting() or backend == "torch":
+    if exporting() or backend == "torch":
         return True
     return backend == "auto" and os.environ.get(ENV_VAR, "auto").strip().lower() == "torch"
 
