@@ -28,7 +28,8 @@ def triton_available() -> bool:
     return True
 
 
-def _env_backend() -> str:
+def env_backend() -> str:
+    """The value of DETR_FAST_BACKEND (default "auto"), validated."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {value!r}")
@@ -59,7 +60,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if exporting():
         return "torch"
     if backend == "auto":
-        backend = _env_backend()
+        backend = env_backend()
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

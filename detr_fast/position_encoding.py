@@ -1,12 +1,11 @@
 """Position embeddings of DETR: the sine one (the kernels' target) and the learned one."""
 import math
-import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .dispatch import ENV_VAR, exporting, check_backend, compiling, resolve_backend
+from .dispatch import check_backend, compiling, env_backend, exporting, resolve_backend
 from .nested_tensor import NestedTensor
 from .reference import learned_embedding_reference, sine_embedding_reference
 from .sine_separable import rectangle_sizes, sine_embedding_separable
@@ -55,7 +54,7 @@ def _reference_only(backend: str) -> bool:
     """True when the user asked for the reference path itself (not just "not the kernels")."""
     if exporting() or backend == "torch":
         return True
-    return backend == "auto" and os.environ.get(ENV_VAR, "auto").strip().lower() == "torch"
+    return backend == "auto" and env_backend() == "torch"
 
 
 def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: int, temperature: float,
