@@ -135,7 +135,7 @@ def _same_outputs(before: Any, after: Any, tol: float) -> Optional[str]:
 
 
 def _probe_batch(module: nn.Module) -> NestedTensor:
-    """Two small images (the second padded) on the module's device and dtype."""
+    """Two small images (the second padded) on the module's device and dtype, with their sizes."""
     p = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None else torch.float32
@@ -145,7 +145,9 @@ def _probe_batch(module: nn.Module) -> NestedTensor:
     mask[1, 70:, :] = True
     mask[1, :, 90:] = True
     images[1][:, mask[1]] = 0
-    return NestedTensor(images, mask)
+    # With the image sizes, as nested_tensor_from_tensor_list makes them, so that the probe runs
+    # the converted stage's common path (rectangular masks) rather than the arbitrary-mask one.
+    return NestedTensor(images, mask, torch.tensor([[96, 128], [70, 90]]))
 
 
 def _run_probe(stage: nn.Module, batch: NestedTensor) -> Any:
