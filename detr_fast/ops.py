@@ -10,32 +10,18 @@ eps, dtype, need_mask) -> (level_mask, pos) where pos is the contiguous B x h x 
 (callers view it as B x 2F x h x w, the reference layout) and level_mask the B x h x w
 nearest-downsampled mask, or an empty tensor when need_mask is False.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .dispatch import compiling
-from .reference import downsample_mask_reference, sine_frequencies
+from .reference import cached_frequencies, downsample_mask_reference
 
 _OP_NAME = "detr_fast::sine_masks_pos"
 _SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
            "bool normalize, float scale, float offset, float eps, ScalarType dtype, bool need_mask) "
            "-> (Tensor, Tensor)")
-
-_FREQUENCIES: Dict[Tuple[int, float, str], Tensor] = {}
-
-
-def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
-    """reference.sine_frequencies, computed once per (F, temperature, device). Computed on the
-    device itself, as the reference does, so the kernel divides by bit-identical values."""
-    key = (num_pos_feats, float(temperature), str(device))
-    dim_t = _FREQUENCIES.get(key)
-    if dim_t is None:
-        dim_t = sine_frequencies(num_pos_feats, temperature, device).contiguous()
-        _FREQUENCIES[key] = dim_t
-    return dim_t
-
 
 def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,

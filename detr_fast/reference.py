@@ -5,7 +5,7 @@ wherever the kernels do not apply (CPU, TorchScript, ONNX export). They follow t
 code operation by operation, including its float32 rounding, and must stay that way: a change
 here changes what "correct" means for every kernel.
 """
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,21 @@ def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.devic
     """dim_t of the reference: temperature ** (2 * (i // 2) / num_pos_feats), float32."""
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
     return temperature ** (2 * (dim_t // 2) / num_pos_feats)
+
+
+_FREQUENCIES: Dict[Tuple[int, float, str], Tensor] = {}
+
+
+def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
+    """sine_frequencies, computed once per (F, temperature, device) for the fast paths (the
+    reference itself recomputes them, as upstream does). Computed on the device itself, so the
+    values are bit-identical to the reference's. Callers must not modify the returned tensor."""
+    key = (num_pos_feats, float(temperature), str(device))
+    dim_t = _FREQUENCIES.get(key)
+    if dim_t is None:
+        dim_t = sine_frequencies(num_pos_feats, temperature, device).contiguous()
+        _FREQUENCIES[key] = dim_t
+    return dim_t
 
 
 def sine_embedding_reference(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
@@ -71,14 +86,20 @@ def normalize_positions(embed: Tensor, total: Tensor, normalize: bool, scale: fl
     return embed
 
 
-def sine_of_positions(embed: Tensor, dim_t: Tensor) -> Tensor:
+def sine_of_positions(embed: Tensor, dim_t: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """(...) positions -> (..., F): sin(p / dim_t[c]) on even channels c, cos on odd ones.
 
     sin and cos run on stride-2 slices, as in the reference; callers that must match the reference
-    bit for bit (the separable fallback) go through this same function.
+    bit for bit (the separable fallback) go through this same function. With ``out`` (a float32
+    (..., F) tensor) sin and cos are written straight into its even and odd channels instead of
+    being interleaved by torch.stack: the same values, without the reference's extra copy.
     """
     pos = embed[..., None] / dim_t
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+    if out is None:
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+    torch.sin(pos[..., 0::2], out=out[..., 0::2])
+    torch.cos(pos[..., 1::2], out=out[..., 1::2])
+    return out
 
 
 def learned_embedding_reference(row_weight: Tensor, col_weight: Tensor, batch: int, h: int, w: int) -> Tensor:

@@ -11,12 +11,12 @@ sine_of_positions (the same float32 operations on the same integer-valued cumula
 so the result is bit-identical) and are then broadcast into the output with one write of it.
 Cost: O(B·(H+W)·F) sin/cos instead of O(B·H·W·F), plus the output write.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .reference import downsample_mask_reference, normalize_positions, sine_frequencies, sine_of_positions
+from .reference import cached_frequencies, downsample_mask_reference, normalize_positions, sine_of_positions
 
 
 def rectangle_mask(sizes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
@@ -34,11 +34,25 @@ def rectangle_sizes(mask: Tensor) -> Optional[Tensor]:
     batch, height, width = mask.shape
     if height == 0 or width == 0:
         return torch.zeros((batch, 2), dtype=torch.int64)
-    not_mask = ~mask
-    sizes = torch.stack([not_mask[:, :, 0].sum(1), not_mask[:, 0, :].sum(1)], dim=1)
-    if not torch.equal(rectangle_mask(sizes, height, width, mask.device), mask):
+    # Image b's mask is the rectangle (h_b, w_b) exactly when it is padded wherever its first
+    # column or its first row is, and those two edges are valid on a prefix of length h_b and
+    # w_b. One full-size comparison; the edges (B x (H + W) flags) are read on the host.
+    pad_rows, pad_cols = mask[:, :, 0], mask[:, 0, :]
+    if not torch.equal(pad_rows[:, :, None] | pad_cols[:, None, :], mask):
         return None
-    return sizes.cpu()
+    sizes = []
+    for rows, cols in zip(pad_rows.tolist(), pad_cols.tolist()):
+        h_b, w_b = _valid_prefix(rows), _valid_prefix(cols)
+        if h_b is None or w_b is None:
+            return None
+        sizes.append((h_b, w_b))
+    return torch.tensor(sizes, dtype=torch.int64).reshape(batch, 2)
+
+
+def _valid_prefix(is_padding: List[bool]) -> Optional[int]:
+    """n if the flags are n False (valid) followed only by True (padding), else None."""
+    n = is_padding.index(True) if True in is_padding else len(is_padding)
+    return n if all(is_padding[n:]) else None
 
 
 def level_sizes(sizes: Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int]) -> Tensor:
@@ -75,15 +89,20 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_fea
     if out.numel() == 0:
         return out.permute(0, 3, 1, 2)
     # The x formula along a row is the y formula along a column: one batch of 2B extents (the
-    # images' heights, then their widths) gives both. In a valid column the cumulative position
-    # is min(i + 1, extent) and the column's total is the extent; a padding column is all zero.
+    # images' heights, then their widths) gives both. Position r < L stands for row (column) r of
+    # a valid column (row): cumulative position min(r + 1, extent), total the extent. Position L
+    # stands for a padding column (row): cumulative position and total both 0.
     length = max(height, width)
-    extents = torch.cat([sizes[:, 0], sizes[:, 1]]).to(device=device, dtype=torch.float32)[:, None]
-    steps = torch.arange(1, length + 1, dtype=torch.float32, device=device)[None, :]
-    cum = torch.cat([torch.minimum(steps, extents), torch.zeros_like(extents)], dim=1)  # 2B x (L+1)
-    total = torch.cat([extents.expand(-1, length), torch.zeros_like(extents)], dim=1)
+    size_list = sizes.tolist()
+    extents = torch.tensor([[h] for h, _ in size_list] + [[w] for _, w in size_list], dtype=torch.float32,
+                           device=device)  # 2B x 1
+    steps = torch.arange(1, length + 2, dtype=torch.float32, device=device)
+    steps[length] = 0
+    cum = torch.minimum(steps, extents)  # 2B x (L+1)
+    total = torch.where(steps > 0, extents, 0.0) if normalize else cum  # total is unused without normalize
     positions = normalize_positions(cum, total, normalize, scale, offset, eps)
-    values = sine_of_positions(positions, sine_frequencies(num_pos_feats, temperature, device))  # 2B x (L+1) x F
+    values = torch.empty((2 * batch, length + 1, f), dtype=torch.float32, device=device)
+    sine_of_positions(positions, cached_frequencies(num_pos_feats, temperature, device), out=values)
     y_valid, y_pad = values[:batch, :height], values[:batch, length]  # B x H x F, B x F
     x_valid, x_pad = values[batch:, :width], values[batch:, length]  # B x W x F, B x F
     # Each half is first written with its valid values everywhere (one broadcast copy), then the
@@ -93,7 +112,7 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_fea
     out_y, out_x = out[..., :f], out[..., f:]
     out_y.copy_(y_valid[:, :, None, :].expand(batch, height, width, f))
     out_x.copy_(x_valid[:, None, :, :].expand(batch, height, width, f))
-    for b, (h_b, w_b) in enumerate(sizes.tolist()):
+    for b, (h_b, w_b) in enumerate(size_list):
         if w_b < width:
             out_y[b, :, w_b:] = y_pad[b]
         if h_b < height:

@@ -52,6 +52,48 @@ def test_rectangle_detection():
     bottom_right = torch.ones((1, 4, 4), dtype=torch.bool)
     bottom_right[0, 2:, 2:] = False
     assert rectangle_sizes(bottom_right) is None
+    # A product of row and column sets that are not prefixes: padded exactly where its first row or
+    # column is, yet not a top-left rectangle.
+    gapped = rect_mask([(3, 3)], 3, 3)
+    gapped[0, 1, :] = True
+    assert rectangle_sizes(gapped) is None
+    gapped = rect_mask([(3, 3)], 3, 3)
+    gapped[0, :, 1] = True
+    assert rectangle_sizes(gapped) is None
+    # All padding (any image size describes it; the edges give (0, 0)) and no padding at all.
+    assert rectangle_sizes(torch.ones((1, 2, 3), dtype=torch.bool)).tolist() == [[0, 0]]
+    assert rectangle_sizes(torch.zeros((2, 2, 3), dtype=torch.bool)).tolist() == [[2, 3], [2, 3]]
+
+
+def _is_top_left_rectangle(mask_2d: torch.Tensor):
+    """Brute force: the (h, w) whose top-left rectangle the H x W mask is, else None."""
+    height, width = mask_2d.shape
+    for h in range(height + 1):
+        for w in range(width + 1):
+            if torch.equal(rect_mask([(h, w)], height, width)[0], mask_2d):
+                return h, w
+    return None
+
+
+def test_rectangle_detection_matches_brute_force():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(150):
+        batch = int(torch.randint(1, 4, (1,), generator=gen))
+        h, w = (int(v) for v in torch.randint(1, 7, (2,), generator=gen))
+        sizes = [(int(torch.randint(1, h + 1, (1,), generator=gen)), int(torch.randint(1, w + 1, (1,), generator=gen)))
+                 for _ in range(batch)]
+        mask = rect_mask(sizes, h, w)
+        if trial % 2:  # flip a few random pixels: usually no longer rectangles, sometimes still
+            flips = torch.rand((batch, h, w), generator=gen) < 0.15
+            mask ^= flips
+        per_image = [_is_top_left_rectangle(m) for m in mask]
+        got = rectangle_sizes(mask)
+        context = f"seed={seed} mask={mask.int().tolist()}"
+        if any(r is None for r in per_image):
+            assert got is None, context
+        else:
+            assert got is not None and torch.equal(rect_mask(got.tolist(), h, w), mask), context
 
 
 @pytest.mark.parametrize("with_sizes", [True, False])

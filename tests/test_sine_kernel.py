@@ -12,8 +12,8 @@ import torch
 
 from detr_fast import NestedTensor, PositionEmbeddingSine, sine_position_embedding
 from detr_fast.kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
-from detr_fast.ops import cached_frequencies, sine_masks_pos
-from detr_fast.reference import downsample_mask_reference, sine_embedding_reference
+from detr_fast.ops import sine_masks_pos
+from detr_fast.reference import cached_frequencies, downsample_mask_reference, sine_embedding_reference
 from tests.conftest import kernel_devices
 
 DEVICES = kernel_devices()
