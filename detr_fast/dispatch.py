@@ -53,17 +53,26 @@ def compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
-    # Validate here too: a module's backend attribute can be reassigned after __init__ checked it.
+def requested_backend(backend: str) -> str:
+    """What the caller asked for: "torch" while exporting (TorchScript, tracing, ONNX), else
+    ``backend`` with "auto" replaced by DETR_FAST_BACKEND when that is set."""
     check_backend(backend)
     if exporting():
         return "torch"
-    if backend == "auto":
-        backend = env_backend()
-    if backend == "auto":
+    return env_backend() if backend == "auto" else backend
+
+
+def backend_for_device(requested: str, device: torch.device) -> str:
+    """The backend that runs on ``device`` for a requested_backend() answer: "torch" or "triton"."""
+    if requested == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          f"detr_fast.kernels is imported, to interpret the kernels), got tensors on {device}")
-    return backend
+    return requested
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
+    # Validated on every call: a module's backend attribute can be reassigned after __init__ checked it.
+    return backend_for_device(requested_backend(backend), device)

@@ -5,7 +5,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .dispatch import check_backend, compiling, env_backend, exporting, resolve_backend
+from .dispatch import backend_for_device, check_backend, compiling, requested_backend
 from .nested_tensor import NestedTensor
 from .reference import learned_embedding_reference, sine_embedding_reference
 from .sine_separable import rectangle_sizes, sine_embedding_separable
@@ -50,11 +50,16 @@ def rectangular_sizes(tensor_list: NestedTensor) -> Optional[Tensor]:
     return tensor_list.rectangular_sizes()
 
 
-def _reference_only(backend: str) -> bool:
-    """True when the user asked for the reference path itself (not just "not the kernels")."""
-    if exporting() or backend == "torch":
-        return True
-    return backend == "auto" and env_backend() == "torch"
+def sine_path(backend: str, device: torch.device) -> str:
+    """Which implementation the sine embedding runs for ``backend`` on ``device``: "triton" (the
+    kernels), "reference" (asked for: backend "torch", DETR_FAST_BACKEND=torch or exporting; or
+    traced by torch.compile) or "separable" (the PyTorch fallback, for rectangular masks)."""
+    requested = requested_backend(backend)
+    if backend_for_device(requested, device) == "triton":
+        return "triton"
+    if requested == "torch" or compiling():
+        return "reference"
+    return "separable"
 
 
 def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: int, temperature: float,
@@ -65,12 +70,13 @@ def _sine_dispatch(mask: Tensor, image_sizes: Optional[Tensor], num_pos_feats: i
     batch, height, width = mask.shape
     if image_sizes is not None:
         check_image_sizes(image_sizes, mask)
-    if resolve_backend(backend, mask.device) == "triton":
+    path = sine_path(backend, mask.device)
+    if path == "triton":
         from .ops import sine_masks_pos
         return sine_masks_pos(mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale,
                               offset, eps, dtype, False)[1]
     args = (num_pos_feats, temperature, normalize, scale, offset, eps)
-    if _reference_only(backend) or compiling():  # i.e. not PositionEmbeddingSine.uses_separable
+    if path == "reference":
         pos = sine_embedding_reference(mask, *args)
     else:
         # The separable fallback; a CPU mask can be checked for rectangularity cheaply.
@@ -156,13 +162,13 @@ class PositionEmbeddingSine(nn.Module):
     @torch.jit.unused
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether forward runs the Triton kernels for tensors on ``device``."""
-        return resolve_backend(self.backend, device) == "triton"
+        return sine_path(self.backend, device) == "triton"
 
     @torch.jit.unused
     def uses_separable(self, device: torch.device) -> bool:
         """Whether forward runs the separable PyTorch fallback (for rectangular masks) on ``device``:
         not the kernels, and neither the reference path the user asked for nor a compiled region."""
-        return not self.uses_kernels(device) and not _reference_only(self.backend) and not compiling()
+        return sine_path(self.backend, device) == "separable"
 
     @torch.jit.unused
     def embed(self, mask: Tensor, image_sizes: Optional[Tensor], dtype: torch.dtype) -> Tensor:
