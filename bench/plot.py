@@ -1,12 +1,14 @@
 """Turn a pytest-benchmark JSON into a speed-up plot (PNG) and a Markdown table.
 
     pytest bench/ --benchmark-only --benchmark-json=bench.json
-    python bench/plot.py bench.json -o speedup.png [--markdown table.md] [--stat median]
-                         [--baseline-dtype float32]
+    python bench/plot.py bench.json [more.json ...] -o speedup.png [--markdown table.md]
+                         [--stat median] [--baseline-dtype float32]
 
 Speed-up = the reference's time / the implementation's time, for rows doing the same work (same
 stage, level, batch and shape; and same dtype unless --baseline-dtype names the reference's dtype,
-e.g. to compare a bfloat16 detr_fast with the float32 reference). The plot has one panel per stage,
+e.g. to compare a bfloat16 detr_fast with the float32 reference). Several JSONs (e.g. a run split
+in two to fit a time limit) are each compared with their own reference rows, so every ratio is
+measured side by side in one run; their rows are then shown together. The plot has one panel per stage,
 one group of bars per case and one bar per implementation, on a log scale with 1x marked.
 Needs matplotlib for the PNG (pip install -e ".[plot]"); the table alone does not.
 """
@@ -58,10 +60,14 @@ def speedups(data: Dict, stat: str = "median", baseline_dtype: Optional[str] = N
                      "reference_ms": base * 1e3, "ms": seconds * 1e3, "speedup": base / seconds,
                      "max_error": info.get("max_error"),
                      "peak_memory_bytes": info.get("peak_memory_bytes")})
+    return sort_rows(rows)
+
+
+def sort_rows(rows: List[Dict]) -> List[Dict]:
+    """Rows in pipeline order: stage, then level, dtype, batch and implementation."""
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
-    rows.sort(key=lambda r: (order.get(r["stage"], len(order)), r["stage"], r["level"], r["dtype"],
-                             r["batch"], r["impl"]))
-    return rows
+    return sorted(rows, key=lambda r: (order.get(r["stage"], len(order)), r["stage"], r["level"], r["dtype"],
+                                       r["batch"], r["impl"]))
 
 
 def describe(data: Dict) -> str:
@@ -138,7 +144,9 @@ def plot(rows: Sequence[Dict], title: str, path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="a pytest-benchmark JSON written by pytest bench/ --benchmark-json")
+    parser.add_argument("json", nargs="+",
+                        help="pytest-benchmark JSONs written by pytest bench/ --benchmark-json; each needs "
+                             "its own reference rows")
     parser.add_argument("-o", "--output", default=None, help="the PNG to write")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown here ('-': stdout)")
     parser.add_argument("--stat", choices=STATS, default="median", help="which time to compare (default median)")
@@ -147,12 +155,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.output is None and args.markdown is None:
         parser.error("nothing to do: pass -o PNG and/or --markdown PATH")
-    data = load(args.json)
-    rows = speedups(data, args.stat, args.baseline_dtype)
-    if not rows:
-        raise SystemExit(f"{args.json}: no benchmark pairs an implementation with a reference "
-                         "(run with --bench-impls including reference)")
-    title = "detr_fast speed-up vs the reference — " + describe(data)
+    runs = [load(path) for path in args.json]
+    rows = []
+    for path, data in zip(args.json, runs):
+        run_rows = speedups(data, args.stat, args.baseline_dtype)
+        if not run_rows:
+            raise SystemExit(f"{path}: no benchmark pairs an implementation with a reference "
+                             "(run with --bench-impls including reference)")
+        rows.extend(run_rows)
+    rows = sort_rows(rows)
+    title = "detr_fast speed-up vs the reference — " + describe(runs[0])
+    if len(runs) > 1:
+        title += f" ({len(runs)} runs, each ratio within one run)"
     if args.markdown == "-":
         sys.stdout.write(markdown(rows, title, args.stat))
     elif args.markdown:

@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
 # Run the CUDA tests, the benchmarks and the profile on a GPU machine; write everything to OUTDIR.
 #
-#   bench/run_gpu.sh OUTDIR [extra pytest-benchmark options...]
+#   bench/run_gpu.sh OUTDIR [--steps tests,bench,compile,profile] [extra pytest-benchmark options...]
 #
 # Installs nothing from the network: torch, torchvision, triton, pytest, pytest-benchmark (and
 # matplotlib for the plot) must already be there; the package itself is installed editable without
-# dependencies. Writes into OUTDIR:
-#   metadata.json   device, capability, driver, torch/triton/CUDA/cuDNN versions, commit, exit codes
-#   tests.log       pytest tests/ (the correctness suite, CUDA tests included)
-#   bench.json      pytest bench/ --benchmark-only --benchmark-json (full DETR sizes, batch 2 and 8,
-#                   float32 and bfloat16, reference / detr_fast / compile)
-#   bench.log       the benchmark tables as printed
-#   speedup.png, speedup.md   bench/plot.py of bench.json (same-dtype reference)
-#   speedup_vs_fp32.md        bench/plot.py --baseline-dtype float32 (reduced precision vs fp32 reference)
-#   profile.json, profile.txt, trace.json   python -m detr_fast profile --json --trace
-# A failing step is recorded in metadata.json and the script goes on; it exits non-zero at the end.
+# dependencies. Steps (default: all four, in this order):
+#   tests     pytest tests/ (the correctness suite, CUDA tests included)         -> tests.log
+#   bench     pytest bench/ --benchmark-only --bench-impls reference,detr_fast  -> bench.json, bench.log
+#   compile   the same with --bench-impls reference,compile (torch.compile of the reference; compiling
+#             ResNet-50 per shape takes minutes, so it is its own step and its own run, with its own
+#             reference rows: every ratio is measured side by side in one run) -> bench_compile.json/.log
+#   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json
+# Full DETR sizes, batch 2 and 8, float32 and bfloat16 (the CUDA defaults of bench/conftest.py).
+# After the steps, bench/plot.py draws whichever bench JSONs OUTDIR holds:
+#   speedup.png, speedup.md     speed-up over the reference of the same dtype
+#   speedup_vs_fp32.md          the same against the float32 reference (what bfloat16 buys end to end)
+# metadata.json: device, capability, driver, torch/triton/CUDA/cuDNN versions, commit, and the exit
+# code of every step run so far (a later call with other --steps on the same OUTDIR adds its own).
+# A failing step is recorded and the script goes on; it exits non-zero at the end.
+#
+# With a per-command time limit (10 minutes on the device tool of this project's workplace), run
+# it as two calls on one OUTDIR, or two OUTDIRs merged afterwards: --steps tests,bench,profile,
+# then --steps compile.
 set -uo pipefail
 
+usage="usage: bench/run_gpu.sh OUTDIR [--steps tests,bench,compile,profile] [extra pytest-benchmark options]"
 if [ $# -lt 1 ]; then
-    echo "usage: bench/run_gpu.sh OUTDIR [extra pytest-benchmark options]" >&2
+    echo "$usage" >&2
     exit 2
 fi
 OUT=$1
 shift
+STEPS=tests,bench,compile,profile
+if [ "${1:-}" = "--steps" ]; then
+    STEPS=${2:?$usage}
+    shift 2
+fi
+for step in ${STEPS//,/ }; do
+    case $step in
+        tests|bench|compile|profile) ;;
+        *) echo "run_gpu.sh: unknown step '$step' (expected tests, bench, compile, profile)" >&2; exit 2 ;;
+    esac
+done
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -35,28 +56,48 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" |
 
 python -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 install_rc=$?
+tests_rc=; bench_rc=; compile_rc=; profile_rc=
 
-pytest tests/ -q -rs >"$OUT/tests.log" 2>&1
-tests_rc=$?
-tail -n 3 "$OUT/tests.log"
+if wants tests; then
+    pytest tests/ -q -rs >"$OUT/tests.log" 2>&1
+    tests_rc=$?
+    tail -n 3 "$OUT/tests.log"
+fi
 
-pytest bench/ --benchmark-only --benchmark-json="$OUT/bench.json" "$@" >"$OUT/bench.log" 2>&1
-bench_rc=$?
-tail -n 3 "$OUT/bench.log"
+if wants bench; then
+    pytest bench/ --benchmark-only --bench-impls reference,detr_fast --benchmark-json="$OUT/bench.json" "$@" \
+        >"$OUT/bench.log" 2>&1
+    bench_rc=$?
+    tail -n 3 "$OUT/bench.log"
+fi
 
-python -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" 2>"$OUT/profile.log"
-profile_rc=$?
-cat "$OUT/profile.txt"
+if wants compile; then
+    pytest bench/ --benchmark-only --bench-impls reference,compile --benchmark-json="$OUT/bench_compile.json" "$@" \
+        >"$OUT/bench_compile.log" 2>&1
+    compile_rc=$?
+    tail -n 3 "$OUT/bench_compile.log"
+fi
 
-plot_rc=1
-if [ -s "$OUT/bench.json" ]; then
-    python bench/plot.py "$OUT/bench.json" -o "$OUT/speedup.png" --markdown "$OUT/speedup.md" \
-        && python bench/plot.py "$OUT/bench.json" --baseline-dtype float32 --markdown "$OUT/speedup_vs_fp32.md"
+if wants profile; then
+    python -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" \
+        2>"$OUT/profile.log"
+    profile_rc=$?
+    cat "$OUT/profile.txt"
+fi
+
+plot_rc=
+runs=()
+for f in "$OUT/bench.json" "$OUT/bench_compile.json"; do
+    [ -s "$f" ] && runs+=("$f")
+done
+if [ ${#runs[@]} -gt 0 ]; then
+    python bench/plot.py "${runs[@]}" -o "$OUT/speedup.png" --markdown "$OUT/speedup.md" \
+        && python bench/plot.py "${runs[@]}" --baseline-dtype float32 --markdown "$OUT/speedup_vs_fp32.md"
     plot_rc=$?
 fi
 
-INSTALL_RC=$install_rc TESTS_RC=$tests_rc BENCH_RC=$bench_rc PROFILE_RC=$profile_rc PLOT_RC=$plot_rc \
-python - "$OUT/metadata.json" <<'EOF'
+INSTALL_RC=$install_rc TESTS_RC=$tests_rc BENCH_RC=$bench_rc COMPILE_RC=$compile_rc PROFILE_RC=$profile_rc \
+PLOT_RC=$plot_rc python - "$OUT/metadata.json" <<'EOF'
 import datetime, json, os, platform, subprocess, sys
 
 import torch
@@ -87,18 +128,26 @@ meta = {
     "cuda": torch.version.cuda,
     "cudnn": torch.backends.cudnn.version(),
     "python": platform.python_version(),
-    "commit": run("git", "rev-parse", "HEAD"),
+    # A copy of the tree without .git (as some GPU machines get) names its commit in RUN_GPU_COMMIT.
+    "commit": run("git", "rev-parse", "HEAD") or os.environ.get("RUN_GPU_COMMIT"),
     "uncommitted_changes": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-    "exit_codes": {step: int(os.environ[var]) for step, var in
-                   (("install", "INSTALL_RC"), ("tests", "TESTS_RC"), ("bench", "BENCH_RC"),
-                    ("profile", "PROFILE_RC"), ("plot", "PLOT_RC"))},
 }
+# Exit codes of the steps this call ran, over those an earlier call on this OUTDIR recorded.
+exit_codes = {}
+if os.path.exists(sys.argv[1]):
+    with open(sys.argv[1]) as f:
+        exit_codes = json.load(f).get("exit_codes", {})
+for step in ("install", "tests", "bench", "compile", "profile", "plot"):
+    value = os.environ[step.upper() + "_RC"]
+    if value:
+        exit_codes[step] = int(value)
+meta["exit_codes"] = exit_codes
 with open(sys.argv[1], "w") as f:
     json.dump(meta, f, indent=2)
 print(json.dumps(meta, indent=2))
 EOF
 
-for rc in $install_rc $tests_rc $bench_rc $profile_rc $plot_rc; do
+for rc in $install_rc $tests_rc $bench_rc $compile_rc $profile_rc $plot_rc; do  # unset ones vanish
     [ "$rc" -eq 0 ] || exit 1
 done
 exit 0

@@ -142,3 +142,27 @@ def test_plot_speedups_table_and_png(tmp_path):
     with pytest.raises(ValueError, match="pytest-benchmark"):
         (tmp_path / "bad.json").write_text("{}")
         plot.main([str(tmp_path / "bad.json"), "--markdown", "-"])
+
+
+def test_plot_two_runs_each_use_their_own_reference(tmp_path):
+    from bench import plot
+
+    first = {"benchmarks": [_fake_benchmark("reference", "float32", 4e-3),
+                            _fake_benchmark("detr_fast", "float32", 1e-3)]}
+    # A second run (e.g. the compile benchmarks, split off to fit a time limit) measured its own,
+    # slower reference: its ratio must come from that one, not from the first run's.
+    second = {"benchmarks": [_fake_benchmark("reference", "float32", 6e-3),
+                             _fake_benchmark("compile", "float32", 2e-3)]}
+    paths = []
+    for name, data in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(__import__("json").dumps(data))
+        paths.append(str(tmp_path / name))
+    assert plot.main(paths + ["--markdown", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "(2 runs, each ratio within one run)" in table
+    assert "| compile | 6.000 | 2.000 | 3.00x |" in table
+    assert "| detr_fast | 4.000 | 1.000 | 4.00x |" in table
+    # A JSON without reference rows is refused rather than silently dropped.
+    (tmp_path / "c.json").write_text(__import__("json").dumps({"benchmarks": [_fake_benchmark("compile", "float32", 1e-3)]}))
+    with pytest.raises(SystemExit, match="c.json"):
+        plot.main(paths + [str(tmp_path / "c.json"), "--markdown", "-"])
