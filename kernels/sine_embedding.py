@@ -21,6 +21,7 @@ offset) a 1-ulp change of the argument changes the sine in the 4th digit, so we 
 (div_rn) and libdevice's sin/cos, which have proper range reduction, as CUDA's sinf does.
 """
 import os
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -83,11 +84,12 @@ def _source_index(dst, scale, in_size):
 
 
 @triton.jit
-def _level_extent(valid_in, out_size, scale, in_size, BLOCK: tl.constexpr):
+def _level_extent(valid_in, out_size, scale, in_size, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """How many output indices map to a source index < valid_in. The source index is monotone in
-    the output index, so the valid outputs are a prefix of this length."""
+    the output index, so the valid outputs are a prefix of this length. ITERS * BLOCK >= out_size.
+    (A compile-time trip count: Triton 3.6's interpreter cannot loop to a runtime bound.)"""
     count = 0
-    for start in range(0, out_size, BLOCK):
+    for start in tl.static_range(0, ITERS * BLOCK, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         inside = (idx < out_size) & (_source_index(idx, scale, in_size) < valid_in)
         count += tl.sum(inside.to(tl.int32), axis=0)
@@ -101,7 +103,8 @@ def _sine_embedding_kernel(
     num_pos_feats, n_chunks,
     offset, eps, scale,
     RECT: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_MASK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EXTENT_BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    EXTENT_BLOCK: tl.constexpr, EXTENT_ITERS: tl.constexpr,
 ):
     pid_w = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -142,14 +145,14 @@ def _sine_embedding_kernel(
         pad_value = _sin_cos(_normalized(zero, zero, offset, eps, scale, NORMALIZE)[:, None],
                              dim_t[None, :], odd[None, :])  # 1 x C
         if half == 0:
-            level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK)
+            level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK, EXTENT_ITERS)
             y = tl.minimum(rows + 1, level_h).to(tl.float32)
             total_h = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
             y_value = _sin_cos(_normalized(y, total_h, offset, eps, scale, NORMALIZE)[:, None],
                                dim_t[None, :], odd[None, :])  # BLOCK_H x C
             tile = tl.where(col_valid[None, :, None], y_value[:, None, :], pad_value[:, None, :])
         else:
-            level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK)
+            level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK, EXTENT_ITERS)
             x = tl.minimum(cols + 1, level_w).to(tl.float32)
             total_w = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
             x_value = _sin_cos(_normalized(x, total_w, offset, eps, scale, NORMALIZE)[:, None],
@@ -180,9 +183,15 @@ def _pow2(n: int, cap: int) -> int:
     return max(1, min(triton.next_power_of_2(max(int(n), 1)), cap))
 
 
-def _nearest_scale(in_size: int, out_size: int) -> float:
-    """PyTorch's float32 scale in/out of 'nearest' (as a Python float holding a float32 value)."""
-    return float(torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32))
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """PyTorch's float32 scale in/out of 'nearest' (as a Python float holding a float32 value).
+
+    Computed on the host without tensors (it runs once per launch on a launch-bound path): the
+    sizes are exact in float32, and rounding their quotient to double and then to float32 equals
+    rounding it to float32 directly, because double has more than 2 * 24 + 2 bits (Figueroa's
+    double-rounding theorem for division).
+    """
+    return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
 def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Tensor,
@@ -202,17 +211,19 @@ def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Te
         block_h = _pow2(height, 8)
         num_warps = 4
     n_chunks = triton.cdiv(num_pos_feats, block_c)
+    extent_block = _pow2(max(height, width), 1024) if rect else 1
     grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * 2 * n_chunks)
     dummy = dim_t  # pointer arguments unused in the chosen mode
     _sine_embedding_kernel[grid](
         pos, mask_out.view(torch.uint8) if mask_out is not None else dummy, dim_t,
         sizes if rect else dummy, ycum if ycum is not None else dummy, xcum if xcum is not None else dummy,
         height, width, in_h, in_w,
-        _nearest_scale(in_h, height) if rect else 1.0, _nearest_scale(in_w, width) if rect else 1.0,
+        nearest_scale(in_h, height) if rect else 1.0, nearest_scale(in_w, width) if rect else 1.0,
         num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
         RECT=rect, NORMALIZE=bool(normalize), WRITE_MASK=mask_out is not None,
         BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
-        EXTENT_BLOCK=_pow2(max(height, width), 256) if rect else 1,
+        # One pass over up to 1024 output rows/columns (every DETR level); beyond that, a few.
+        EXTENT_BLOCK=extent_block, EXTENT_ITERS=triton.cdiv(max(height, width), extent_block),
         num_warps=num_warps,
     )
 

@@ -26,11 +26,13 @@ pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "sizes_
 floats = ("scale_h", "scale_w", "offset", "eps", "scale")
 # (RECT, NORMALIZE, BLOCK_H, BLOCK_W, BLOCK_C, out dtype): the launcher's block choices on CUDA,
 # square and non-square tiles, one channel block of 2 and of 64.
-configs = [(True, True, 8, 16, 64, "*fp32"), (True, False, 1, 16, 2, "*bf16"),
-           (False, True, 8, 8, 64, "*fp32"), (False, False, 8, 1, 64, "*fp16")]
-for rect, normalize, bh, bw, bc, out in configs:
+# Rectangular levels count their extents in one pass (EXTENT_ITERS 1) or, past 1024 rows or
+# columns, in several.
+configs = [(True, True, 8, 16, 64, "*fp32", 1), (True, False, 1, 16, 2, "*bf16", 2),
+           (False, True, 8, 8, 64, "*fp32", 1), (False, False, 8, 1, 64, "*fp16", 1)]
+for rect, normalize, bh, bw, bc, out, extent_iters in configs:
     const = dict(RECT=rect, NORMALIZE=normalize, WRITE_MASK=rect, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
-                 EXTENT_BLOCK=256 if rect else 1)
+                 EXTENT_BLOCK=256 if rect else 1, EXTENT_ITERS=extent_iters)
     sig = {n: "constexpr" if n in const else ("fp32" if n in floats else pointers.get(n, "i32")) for n in names}
     sig["pos_ptr"] = out
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
