@@ -40,8 +40,15 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
         if level_mask is None:
             level_mask = mask.new_empty((0,))
         return level_mask, pos
-    # Arbitrary masks: the reference downsampling, then cumulative sums + the kernel.
-    level_mask = downsample_mask_reference(mask, [height, width])
+    # Arbitrary masks: the reference downsampling, then cumulative sums + the kernel. Nearest
+    # resizing to the mask's own size is the identity (scale 1.0), so a mask already at the level's
+    # size (PositionEmbeddingSine.forward) skips those three launches.
+    if (height, width) != (mask.shape[1], mask.shape[2]):
+        level_mask = downsample_mask_reference(mask, [height, width])
+    elif need_mask:
+        level_mask = mask.clone()  # an operator's output may not alias its input
+    else:
+        level_mask = mask
     pos = sine_embedding_general(level_mask, dim_t, normalize, scale, offset, eps, dtype)
     if not need_mask:
         level_mask = mask.new_empty((0,))

@@ -7,6 +7,7 @@ from detr_fast import PositionEmbeddingLearned, PositionEmbeddingSine, nested_te
 from detr_fast.backbone import MaskedBackboneBase
 from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor
+import detr_fast.ops  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos)
 from detr_fast.reference import downsample_mask_reference
 from tests.conftest import kernel_devices
 
@@ -146,7 +147,11 @@ def test_custom_op_opcheck():
         pytest.skip("torch.library.opcheck needs a newer torch")
     device = DEVICES[0]
     nt = nested_tensor_from_tensor_list(images(device))
+    full_h, full_w = int(nt.mask.shape[1]), int(nt.mask.shape[2])
+    # A level smaller than the mask, and the mask's own size (where the arbitrary-mask path skips
+    # the resize: its output must still not alias the input mask), with and without the mask.
     for sizes in (nt.image_sizes, None):
-        opcheck(torch.ops.detr_fast.sine_masks_pos.default,
-                (nt.mask, sizes, 5, 7, 4, 10000.0, True, 6.28, -0.5, 1e-6, torch.float32, True),
-                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        for height, width, need_mask in ((5, 7, True), (full_h, full_w, True), (full_h, full_w, False)):
+            opcheck(torch.ops.detr_fast.sine_masks_pos.default,
+                    (nt.mask, sizes, height, width, 4, 10000.0, True, 6.28, -0.5, 1e-6, torch.float32, need_mask),
+                    test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -157,6 +157,27 @@ def test_edge_shapes_and_large_positions(device, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_levels_wider_than_one_extent_pass(device):
+    """Levels past 1024 columns count their valid extent in more than one pass; extents on both
+    sides of the pass boundary, downsampled and not."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    in_w = 1500
+    widths = [in_w, 1030, 1000] + [int(v) for v in torch.randint(0, in_w + 1, (2,), generator=gen)]
+    sizes = [(1, w) for w in widths]
+    mask = rect_mask(sizes, 1, in_w, device)
+    dim_t = cached_frequencies(4, 10000.0, torch.device(device))
+    for out_w in (in_w, 1100, 1025, 700):
+        context = f"seed={seed} widths={widths} out_w={out_w}"
+        level_mask, pos = sine_embedding_rect(torch.tensor(sizes, device=device), (1, in_w), (1, out_w), dim_t,
+                                              True, 6.28, -0.5, 1e-6, torch.float32, True)
+        ref_mask = downsample_mask_reference(mask, [1, out_w])
+        assert torch.equal(level_mask, ref_mask), context
+        ref = sine_embedding_reference(ref_mask, 4, 10000.0, True, 6.28, -0.5, 1e-6)
+        assert_close_to_reference(pos.permute(0, 3, 1, 2), ref, torch.float32, context)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_module_paths_and_non_contiguous_mask(device):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -203,3 +224,17 @@ def test_bad_input(device):
         sine_position_embedding(mask, 8, image_sizes=torch.tensor([[4, 4]]), backend="triton")
     with pytest.raises(ValueError, match="dtype"):
         sine_position_embedding(mask, 8, dtype=torch.float64, backend="triton")
+
+
+def test_nearest_scale_is_pytorchs_float32_quotient():
+    # PyTorch's nearest rule uses float(in) / out in float32; the launcher computes it on the host.
+    from detr_fast.kernels.sine_embedding import nearest_scale
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(800, 25), (1333, 42), (1066, 34), (3, 7), (1, 1), (16777215, 3), (16777216, 16777215)]
+    pairs += [tuple(int(v) for v in torch.randint(1, 1 << 24, (2,), generator=gen)) for _ in range(2000)]
+    pairs += [tuple(int(v) for v in torch.randint(1, 2000, (2,), generator=gen)) for _ in range(2000)]
+    for in_size, out_size in pairs:
+        want = (torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)).item()
+        assert nearest_scale(in_size, out_size) == want, f"seed={seed} {in_size}/{out_size}"
