@@ -5,7 +5,7 @@
 #
 # Installs nothing from the network: torch, torchvision, triton, pytest, pytest-benchmark (and
 # matplotlib for the plot) must already be there; the package itself is installed editable without
-# dependencies. Steps (default: all four, in this order):
+# dependencies; everything runs under $PYTHON (default python3). Steps (default: all four, in order):
 #   tests     pytest tests/ (the correctness suite, CUDA tests included)         -> tests.log
 #   bench     pytest bench/ --benchmark-only --bench-impls reference,detr_fast  -> bench.json, bench.log
 #   compile   the same with --bench-impls reference,compile (torch.compile of the reference; compiling
@@ -44,42 +44,44 @@ for step in ${STEPS//,/ }; do
     esac
 done
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
+# The interpreter that holds torch: $PYTHON, else python3 (some GPU images have no plain `python`).
+PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
 
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "run_gpu.sh: torch sees no CUDA device; this script records GPU results only" >&2
     exit 1
 }
 
-python -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
+"$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 install_rc=$?
 tests_rc=; bench_rc=; compile_rc=; profile_rc=
 
 if wants tests; then
-    pytest tests/ -q -rs >"$OUT/tests.log" 2>&1
+    "$PY" -m pytest tests/ -q -rs >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 3 "$OUT/tests.log"
 fi
 
 if wants bench; then
-    pytest bench/ --benchmark-only --bench-impls reference,detr_fast --benchmark-json="$OUT/bench.json" "$@" \
+    "$PY" -m pytest bench/ --benchmark-only --bench-impls reference,detr_fast --benchmark-json="$OUT/bench.json" "$@" \
         >"$OUT/bench.log" 2>&1
     bench_rc=$?
     tail -n 3 "$OUT/bench.log"
 fi
 
 if wants compile; then
-    pytest bench/ --benchmark-only --bench-impls reference,compile --benchmark-json="$OUT/bench_compile.json" "$@" \
+    "$PY" -m pytest bench/ --benchmark-only --bench-impls reference,compile --benchmark-json="$OUT/bench_compile.json" "$@" \
         >"$OUT/bench_compile.log" 2>&1
     compile_rc=$?
     tail -n 3 "$OUT/bench_compile.log"
 fi
 
 if wants profile; then
-    python -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" \
+    "$PY" -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" \
         2>"$OUT/profile.log"
     profile_rc=$?
     cat "$OUT/profile.txt"
@@ -91,13 +93,14 @@ for f in "$OUT/bench.json" "$OUT/bench_compile.json"; do
     [ -s "$f" ] && runs+=("$f")
 done
 if [ ${#runs[@]} -gt 0 ]; then
-    python bench/plot.py "${runs[@]}" -o "$OUT/speedup.png" --markdown "$OUT/speedup.md" \
-        && python bench/plot.py "${runs[@]}" --baseline-dtype float32 --markdown "$OUT/speedup_vs_fp32.md"
+    # The tables first: they need no matplotlib, the PNG does.
+    "$PY" bench/plot.py "${runs[@]}" --baseline-dtype float32 --markdown "$OUT/speedup_vs_fp32.md"
     plot_rc=$?
+    "$PY" bench/plot.py "${runs[@]}" --markdown "$OUT/speedup.md" -o "$OUT/speedup.png" || plot_rc=$?
 fi
 
 INSTALL_RC=$install_rc TESTS_RC=$tests_rc BENCH_RC=$bench_rc COMPILE_RC=$compile_rc PROFILE_RC=$profile_rc \
-PLOT_RC=$plot_rc python - "$OUT/metadata.json" <<'EOF'
+PLOT_RC=$plot_rc "$PY" - "$OUT/metadata.json" <<'EOF'
 import datetime, json, os, platform, subprocess, sys
 
 import torch
