@@ -194,6 +194,17 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
+def extent_constants(height: int, width: int, rect: bool) -> Tuple[int, int]:
+    """(EXTENT_BLOCK, EXTENT_ITERS) of a level: compile-time constants, so every distinct pair is
+    one more compiled kernel. Rectangular levels count their extents in one pass of up to 1024
+    rows/columns (every DETR level; the block is a power of two, so few variants), in more passes
+    beyond; the arbitrary-mask mode never counts extents, so it always gets (1, 1)."""
+    if not rect:
+        return 1, 1
+    block = _pow2(max(height, width), 1024)
+    return block, triton.cdiv(max(height, width), block)
+
+
 def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Tensor,
             sizes: Optional[torch.Tensor], ycum: Optional[torch.Tensor], xcum: Optional[torch.Tensor],
             in_hw: Tuple[int, int], normalize: bool, scale: float, offset: float, eps: float) -> None:
@@ -211,7 +222,7 @@ def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Te
         block_h = _pow2(height, 8)
         num_warps = 4
     n_chunks = triton.cdiv(num_pos_feats, block_c)
-    extent_block = _pow2(max(height, width), 1024) if rect else 1
+    extent_block, extent_iters = extent_constants(height, width, rect)
     grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * 2 * n_chunks)
     dummy = dim_t  # pointer arguments unused in the chosen mode
     _sine_embedding_kernel[grid](
@@ -222,8 +233,7 @@ def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Te
         num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
         RECT=rect, NORMALIZE=bool(normalize), WRITE_MASK=mask_out is not None,
         BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
-        # One pass over up to 1024 output rows/columns (every DETR level); beyond that, a few.
-        EXTENT_BLOCK=extent_block, EXTENT_ITERS=triton.cdiv(max(height, width), extent_block),
+        EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters,
         num_warps=num_warps,
     )
 

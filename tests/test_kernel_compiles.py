@@ -18,7 +18,7 @@ import inspect
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from detr_fast.kernels.sine_embedding import _sine_embedding_kernel as kernel
+from detr_fast.kernels.sine_embedding import _sine_embedding_kernel as kernel, extent_constants
 
 names = list(inspect.signature(kernel.fn).parameters)
 pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "sizes_ptr": "*i64",
@@ -26,13 +26,14 @@ pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "sizes_
 floats = ("scale_h", "scale_w", "offset", "eps", "scale")
 # (RECT, NORMALIZE, BLOCK_H, BLOCK_W, BLOCK_C, out dtype): the launcher's block choices on CUDA,
 # square and non-square tiles, one channel block of 2 and of 64.
-# Rectangular levels count their extents in one pass (EXTENT_ITERS 1) or, past 1024 rows or
-# columns, in several.
-configs = [(True, True, 8, 16, 64, "*fp32", 1), (True, False, 1, 16, 2, "*bf16", 2),
-           (False, True, 8, 8, 64, "*fp32", 1), (False, False, 8, 1, 64, "*fp16", 1)]
-for rect, normalize, bh, bw, bc, out, extent_iters in configs:
+# The last item is the level's longer side: rectangular levels count their extents in one pass
+# (100) or, past 1024 rows or columns, in several (1333); the extent constants are the launcher's.
+configs = [(True, True, 8, 16, 64, "*fp32", 100), (True, False, 1, 16, 2, "*bf16", 1333),
+           (False, True, 8, 8, 64, "*fp32", 100), (False, False, 8, 1, 64, "*fp16", 1333)]
+for rect, normalize, bh, bw, bc, out, side in configs:
+    extent_block, extent_iters = extent_constants(side, side, rect)
     const = dict(RECT=rect, NORMALIZE=normalize, WRITE_MASK=rect, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
-                 EXTENT_BLOCK=256 if rect else 1, EXTENT_ITERS=extent_iters)
+                 EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters)
     sig = {n: "constexpr" if n in const else ("fp32" if n in floats else pointers.get(n, "i32")) for n in names}
     sig["pos_ptr"] = out
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})

@@ -238,3 +238,18 @@ def test_nearest_scale_is_pytorchs_float32_quotient():
     for in_size, out_size in pairs:
         want = (torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)).item()
         assert nearest_scale(in_size, out_size) == want, f"seed={seed} {in_size}/{out_size}"
+
+
+def test_compile_time_constants_do_not_follow_every_size():
+    # Each distinct constexpr value is a separate compiled kernel: a value that tracked the level's
+    # exact size would recompile for every new input size (multi-scale training).
+    from detr_fast.kernels.sine_embedding import extent_constants
+
+    sizes = [(h, w) for h in range(1, 300, 7) for w in range(1, 1400, 13)]
+    assert {extent_constants(h, w, rect=False) for h, w in sizes} == {(1, 1)}
+    rect = {extent_constants(h, w, rect=True) for h, w in sizes}
+    assert all(block & (block - 1) == 0 and block * iters >= 1 for block, iters in rect)
+    assert len(rect) <= 12, rect  # powers of two up to 1024, then 1024 x a couple of passes
+    for h, w in sizes:
+        block, iters = extent_constants(h, w, rect=True)
+        assert block * iters >= max(h, w) and (iters == 1 or block == 1024)
