@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the CUDA tests, the benchmarks and the profile on a GPU machine; write everything to OUTDIR.
 #
-#   bench/run_gpu.sh OUTDIR [--steps tests,bench,compile,profile] [extra pytest-benchmark options...]
+#   bench/run_gpu.sh OUTDIR [--steps[=]tests,bench,compile,profile] [extra pytest-benchmark options...]
 #
 # Installs nothing from the network: torch, torchvision, triton, pytest, pytest-benchmark (and
 # matplotlib for the plot) must already be there; the package itself is installed editable without
@@ -33,10 +33,14 @@ fi
 OUT=$1
 shift
 STEPS=tests,bench,compile,profile
-if [ "${1:-}" = "--steps" ]; then
-    STEPS=${2:?$usage}
-    shift 2
-fi
+case ${1:-} in
+    --steps=*) STEPS=${1#--steps=}; shift ;;
+    --steps)
+        if [ $# -lt 2 ]; then echo "$usage" >&2; exit 2; fi
+        STEPS=$2; shift 2 ;;
+esac
+STEPS=${STEPS// /}  # "tests, bench" means tests,bench
+if [ -z "${STEPS//,/}" ]; then echo "$usage" >&2; exit 2; fi
 for step in ${STEPS//,/ }; do
     case $step in
         tests|bench|compile|profile) ;;

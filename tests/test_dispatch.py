@@ -118,3 +118,28 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DETR_FAST_BACKEND", "triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         resolve_backend("auto", torch.device("cpu"))
+
+
+def test_sine_path_names_the_implementation(monkeypatch):
+    """PositionEmbeddingSine's one decision: the kernels, the reference (asked for, exported or
+    compiled) or the separable fallback (auto without kernels)."""
+    from detr_fast import position_encoding
+    from detr_fast.position_encoding import sine_path
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert sine_path("auto", CPU) == "separable"
+    assert sine_path("auto", CUDA) == "triton"
+    assert sine_path("torch", CPU) == "reference" and sine_path("torch", CUDA) == "reference"
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert sine_path("auto", CUDA) == "separable"  # CUDA without Triton: the PyTorch fallback
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert sine_path("auto", CPU) == "reference"  # the environment asks for the reference
+    assert sine_path("triton", CUDA) == "triton"  # ... but never overrides an explicit choice
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setattr(position_encoding, "compiling", lambda: True)
+    assert sine_path("auto", CPU) == "reference"  # torch.compile traces the reference
+    monkeypatch.setattr(dispatch, "exporting", lambda: True)
+    assert sine_path("triton", CUDA) == "reference"  # TorchScript / ONNX export
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sine_path("fast", CPU)
