@@ -104,7 +104,7 @@ if [ ${#runs[@]} -gt 0 ]; then
 fi
 
 INSTALL_RC=$install_rc TESTS_RC=$tests_rc BENCH_RC=$bench_rc COMPILE_RC=$compile_rc PROFILE_RC=$profile_rc \
-PLOT_RC=$plot_rc "$PY" - "$OUT/metadata.json" <<'EOF'
+PLOT_RC=$plot_rc "$PY" - "$OUT/metadata.json" "$STEPS" "$@" <<'EOF'
 import datetime, json, os, platform, subprocess, sys
 
 import torch
@@ -139,16 +139,20 @@ meta = {
     "commit": run("git", "rev-parse", "HEAD") or os.environ.get("RUN_GPU_COMMIT"),
     "uncommitted_changes": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
 }
-# Exit codes of the steps this call ran, over those an earlier call on this OUTDIR recorded.
-exit_codes = {}
+# Exit codes of the steps this call ran, and the pytest options the benchmark steps got (a run
+# narrowed with -k or --bench-* to fit a time limit says so), over what an earlier call on this
+# OUTDIR recorded.
+earlier = {}
 if os.path.exists(sys.argv[1]):
     with open(sys.argv[1]) as f:
-        exit_codes = json.load(f).get("exit_codes", {})
+        earlier = json.load(f)
+exit_codes = earlier.get("exit_codes", {})
 for step in ("install", "tests", "bench", "compile", "profile", "plot"):
     value = os.environ[step.upper() + "_RC"]
     if value:
         exit_codes[step] = int(value)
 meta["exit_codes"] = exit_codes
+meta["calls"] = earlier.get("calls", []) + [{"steps": sys.argv[2].split(","), "bench_options": sys.argv[3:]}]
 with open(sys.argv[1], "w") as f:
     json.dump(meta, f, indent=2)
 print(json.dumps(meta, indent=2))
