@@ -6,6 +6,9 @@ widely used package (transformers imports it), so we must not claim it.
 """
 from setuptools import setup
 
+HF = ["transformers>=5.0", "timm>=1.0"]
+ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"]
+
 setup(
     name="detr_fast",
     version="0.1.0",
@@ -17,7 +20,11 @@ setup(
     package_dir={"detr_fast": "detr_fast", "detr_fast.kernels": "kernels"},
     install_requires=["torch>=2.1", "torchvision>=0.16", "triton>=2.1"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+        # transformers' DETR family (convert() of DetrForObjectDetection & co.) and its timm backbones.
+        "hf": HF,
+        # ONNX export checks and the onnxruntime peer of the CPU benchmarks (dynamo=True needs onnxscript).
+        "onnx": ONNX,
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "ruff>=0.5"] + HF + ONNX,
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["detr-fast=detr_fast.__main__:main"]},

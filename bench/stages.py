@@ -33,8 +33,7 @@ import detr_fast
 from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from detr_fast.position_encoding import PositionEmbeddingSine
-from detr_fast.profile import (DETR_IMAGE_SIZES, build_reference_joiner, make_fast_joiner, max_abs_error,
-                               max_rel_error)
+from detr_fast.profile import DETR_IMAGE_SIZES, build_reference_joiner, make_fast_joiner, max_abs_error, max_rel_error
 from detr_fast.reference import downsample_mask_reference, pad_images_reference
 
 STAGES = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")

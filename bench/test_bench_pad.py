@@ -1,4 +1,5 @@
-"""Padding a list of images into a batch and its mask: nested_tensor_from_tensor_list vs the reference's zero fill + copies."""
+"""Padding a list of images into a batch and its mask: nested_tensor_from_tensor_list vs the
+reference's zero fill + copies."""
 STAGE = "pad"
 
 

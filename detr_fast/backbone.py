@@ -4,14 +4,17 @@ DETR's own conventions (layers 1-4, an int num_channels) are in detr_fast.detr.
 """
 from typing import Dict
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .joiner import JoinerBase
-from .nested_tensor import NestedTensor
+from .levels import announced_for, compute_levels, remember_pos
+from .nested_tensor import NestedTensor, trusted_image_sizes
 from .position_encoding import build_position_encoding
 from .reference import downsample_mask_reference
 from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
+from .validation import check_mask, check_nested_tensor
 
 
 class MaskedBackboneBase(nn.Module):
@@ -25,14 +28,35 @@ class MaskedBackboneBase(nn.Module):
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
-        xs = self.body(tensor_list.tensors)
-        out: Dict[str, NestedTensor] = {}
-        for name, x in xs.items():
-            m = tensor_list.mask
-            if m is None:
-                raise ValueError("the backbone needs tensor_list.mask, got a NestedTensor without a mask")
-            out[name] = NestedTensor(x, downsample_mask_reference(m, [x.shape[-2], x.shape[-1]]))
-        return out
+        if torch.jit.is_scripting():
+            xs = self.body(tensor_list.tensors)
+            out: Dict[str, NestedTensor] = {}
+            for name, x in xs.items():
+                m = tensor_list.mask
+                if m is None:
+                    raise ValueError("the backbone needs tensor_list.mask, got a NestedTensor without a mask")
+                out[name] = NestedTensor(x, downsample_mask_reference(m, [x.shape[-2], x.shape[-1]]))
+            return out
+        return self._forward_eager(tensor_list)
+
+    @torch.jit.unused
+    def _forward_eager(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        check_nested_tensor(tensor_list)
+        mask = tensor_list.mask
+        if mask is None:
+            raise ValueError("the backbone needs tensor_list.mask, got a NestedTensor without a mask")
+        check_mask(mask, "tensor_list.mask")
+        xs: Dict[str, Tensor] = self.body(tensor_list.tensors)
+        features = list(xs.values())
+        # The masks (and the pos, when the Joiner announced its embedding) of every level at once.
+        announcement = announced_for(self)
+        levels = compute_levels(mask, trusted_image_sizes(tensor_list), [f.shape[-2:] for f in features],
+                                announcement.params if announcement else None,
+                                announcement.backend if announcement else "auto")
+        if announcement is not None and levels.pos is not None:
+            remember_pos(announcement, levels.masks, levels.pos)
+        sizes = levels.sizes or [None] * len(features)
+        return {name: NestedTensor(x, m, s) for name, x, m, s in zip(xs, features, levels.masks, sizes)}
 
 
 class BackboneBase(MaskedBackboneBase):

@@ -37,7 +37,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from . import backbone as deformable_conventions
 from . import detr as detr_conventions
 from .backbone import MaskedBackboneBase
-from .folding import count_folded, fold_frozen_bn, unfold_frozen_bn
+from .folding import count_folded, fold, unfold_frozen_bn
 from .frozen_bn import FrozenBatchNorm2d
 from .joiner import JoinerBase
 from .nested_tensor import NestedTensor
@@ -220,12 +220,10 @@ def _convert_backbone(backbone: nn.Module, path: str, undo: _Undo, report: Conve
     n = _replace_frozen_bns(backbone.body, path + ".body" if path else "body", undo, report)
     if n:
         report.swapped.append(f"{path or '<model>'}: {n} frozen BatchNorm modules -> detr_fast.FrozenBatchNorm2d")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fold_frozen_bn(backbone.body)
+    folded = fold(backbone.body)
     undo.steps.append(lambda: unfold_frozen_bn(backbone.body))
-    for w in caught:
-        report.skipped.append((path or "<model>", str(w.message)))
+    body_path = path + ".body" if path else "body"
+    report.skipped += [(f"{body_path}.{where}", why) for where, why in folded.skipped]
     cls = _backbone_class(backbone)
     if type(backbone) is not cls:
         report.swapped.append(f"{path or '<model>'}: {type(backbone).__name__} -> "

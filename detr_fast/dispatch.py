@@ -1,8 +1,9 @@
 """Backend selection: which implementation a module runs, decided explicitly and observably.
 
-"torch" is the reference path, "triton" the kernels, "auto" picks the kernels for CUDA tensors
-when Triton imports and the reference path otherwise (CPU, TorchScript, ONNX export). The
-environment variable DETR_FAST_BACKEND, when set, replaces "auto" (never an explicit choice).
+The user's vocabulary is the backend: "torch" is the reference path, "triton" the kernels, "auto"
+picks the kernels for CUDA tensors when Triton imports and the PyTorch fallback otherwise (CPU,
+TorchScript, ONNX export). The environment variable DETR_FAST_BACKEND, when set, replaces "auto"
+(never an explicit choice). sine_path() turns a backend and a device into the path that runs.
 """
 import functools
 import os
@@ -53,26 +54,30 @@ def compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
-def requested_backend(backend: str) -> str:
-    """What the caller asked for: "torch" while exporting (TorchScript, tracing, ONNX), else
-    ``backend`` with "auto" replaced by DETR_FAST_BACKEND when that is set."""
+PATHS = ("triton", "separable", "reference")
+
+
+def sine_path(backend: str, device: torch.device) -> str:
+    """The one decision of which implementation the masks/pos step runs for ``backend`` on
+    ``device`` (validated on every call: a module's backend can be reassigned after __init__):
+
+    - "triton": the kernels — backend "triton", or "auto" with CUDA tensors and Triton importable;
+    - "reference": the reference formulas — backend "torch" (or DETR_FAST_BACKEND=torch replacing
+      "auto"), TorchScript, tracing, ONNX export, and tracing by torch.compile off the kernels;
+    - "separable": the PyTorch fallback for rectangular masks — "auto" everywhere else (CPU).
+      Callers run the reference when the mask turns out not to be rectangular.
+    """
     check_backend(backend)
     if exporting():
-        return "torch"
-    return env_backend() if backend == "auto" else backend
-
-
-def backend_for_device(requested: str, device: torch.device) -> str:
-    """The backend that runs on ``device`` for a requested_backend() answer: "torch" or "triton"."""
-    if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"detr_fast.kernels is imported, to interpret the kernels), got tensors on {device}")
-    return requested
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device``: "torch" or "triton"."""
-    # Validated on every call: a module's backend attribute can be reassigned after __init__ checked it.
-    return backend_for_device(requested_backend(backend), device)
+        return "reference"
+    requested = env_backend() if backend == "auto" else backend
+    if requested == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                             f"detr_fast.kernels is imported, to interpret the kernels), got tensors on {device}")
+        return "triton"
+    if requested == "auto" and device.type == "cuda" and triton_available():
+        return "triton"
+    if requested == "torch" or compiling():
+        return "reference"
+    return "separable"

@@ -15,6 +15,7 @@ detr_fast.convert() first replaces other frozen BN classes by detr_fast's.
 import logging
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .fused_conv import conv_bn, foldable, memory_format_of
+from .fused_conv import clear_fold_cache, conv_bn, foldable, memory_format_of
 
 logger = logging.getLogger("detr_fast")
 
@@ -142,33 +143,31 @@ def _block_foldable(block: nn.Module, base: type) -> bool:
     return ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and foldable(ds[0], ds[1]))
 
 
-def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -> nn.Module:
-    """Fold every conv + FrozenBatchNorm2d pair under ``module`` into one convolution, in place.
+@dataclass
+class FoldResult:
+    """What a fold did: ``pairs`` conv + BN pairs now run as one convolution (in ``blocks``
+    residual blocks and ``stems`` stems); ``skipped`` lists (module path, why not)."""
+    blocks: int = 0
+    stems: int = 0
+    pairs: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
 
-    ``module`` may be a detr_fast or upstream Backbone/Joiner, a body (IntermediateLayerGetter) or
-    a torchvision ResNet with detr_fast's FrozenBatchNorm2d. ``channels_last`` (default: True)
-    runs the folded body in channels_last; its outputs keep the input's memory format. Returns
-    ``module``. Idempotent. The state_dict is unchanged.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if channels_last is not None and not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
-    if channels_last is None:
-        # channels_last is what the tensor cores and oneDNN's fused post-ops want; it measured
-        # faster on CPU (README: "Backbone folding and convert()"). Not yet measured on CUDA.
-        channels_last = True
-    skipped: List[str] = []
-    blocks = stems = 0
+
+_UNFOLDABLE = "not torchvision's block with nn.Conv2d + detr_fast FrozenBatchNorm2d + nn.ReLU"
+
+
+def fold(module: nn.Module, channels_last: bool = True) -> FoldResult:
+    """fold_frozen_bn's work, without warnings: returns what was folded and what was not."""
+    result = FoldResult()
     for name, m in module.named_modules():
         base = next((b for b in _BLOCKS if type(m) in (b, _BLOCKS[b])), None)
         if base is not None:
             if _block_foldable(m, base):
                 m.__class__ = _BLOCKS[base]
-                blocks += 1
+                result.blocks += 1
             else:
                 m.__class__ = base  # unfold a block that can no longer be folded
-                skipped.append(name or type(m).__name__)
+                result.skipped.append((name or type(m).__name__, _UNFOLDABLE))
         elif type(m) in (IntermediateLayerGetter, FoldedIntermediateLayerGetter, ResNet, FoldedResNet):
             if type(m) in (IntermediateLayerGetter, FoldedIntermediateLayerGetter):
                 plan = _stem_plan(OrderedDict(m.items()), list(m.return_layers))
@@ -179,13 +178,37 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
                 m.__class__ = FoldedResNet
             m.__dict__[_STEM_ATTR] = plan
             m.__dict__[_CHANNELS_LAST_ATTR] = channels_last
-            stems += plan is not None
+            result.stems += plan is not None
             if plan is None and "conv1" in dict(m.named_children()):
-                skipped.append((name + ".conv1") if name else "conv1")
-    if skipped:
-        warnings.warn("detr_fast.fold_frozen_bn left these unfolded (not torchvision's block with "
-                      "nn.Conv2d + detr_fast FrozenBatchNorm2d + nn.ReLU): " + ", ".join(skipped))
-    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems", blocks, stems)
+                result.skipped.append(((name + ".conv1") if name else "conv1", _UNFOLDABLE))
+    result.pairs = count_folded(module)
+    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems", result.blocks, result.stems)
+    return result
+
+
+def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -> nn.Module:
+    """Fold every conv + FrozenBatchNorm2d pair under ``module`` into one convolution, in place.
+
+    ``module`` may be a detr_fast or upstream Backbone/Joiner, a body (IntermediateLayerGetter) or
+    a torchvision ResNet with detr_fast's FrozenBatchNorm2d. ``channels_last`` (default: True)
+    runs the folded body in channels_last; its outputs keep the input's memory format. Returns
+    ``module``. Idempotent. The state_dict is unchanged. Warns about what it left unfolded, and
+    when it found nothing to fold.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
+    # channels_last is what the tensor cores and oneDNN's fused post-ops want; it measured faster
+    # on CPU (README: "Backbone folding and convert()").
+    result = fold(module, True if channels_last is None else channels_last)
+    if result.skipped:
+        warnings.warn("detr_fast.fold_frozen_bn left these unfolded: "
+                      + "; ".join(f"{path} ({why})" for path, why in result.skipped))
+    elif result.pairs == 0:
+        warnings.warn(f"detr_fast.fold_frozen_bn found no conv + FrozenBatchNorm2d pair to fold in "
+                      f"{type(module).__name__}; nothing was changed (detr_fast.convert() recognises "
+                      f"more model families)")
     return module
 
 
@@ -193,7 +216,6 @@ def unfold_frozen_bn(module: nn.Module) -> nn.Module:
     """Undo fold_frozen_bn in place: the reference classes and forwards come back."""
     reverse = {FoldedBottleneck: Bottleneck, FoldedBasicBlock: BasicBlock,
                FoldedIntermediateLayerGetter: IntermediateLayerGetter, FoldedResNet: ResNet}
-    from .fused_conv import clear_fold_cache
     for m in module.modules():
         if type(m) in reverse:
             m.__class__ = reverse[type(m)]

@@ -8,7 +8,7 @@ with the device to find its extent. The sizes are trusted only while the mask is
 mask's version counter at creation is recorded, and an in-place edit of the mask disables them
 (except for inference tensors, which have no version counter).
 """
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,6 +59,17 @@ class NestedTensor(object):
 
     def __repr__(self) -> str:
         return str(self.tensors)
+
+
+def trusted_image_sizes(tensor_list: Any) -> Optional[Tensor]:
+    """The NestedTensor's per-image sizes if they still describe its mask, else None."""
+    if not isinstance(tensor_list, NestedTensor):
+        return None  # a duck-typed NestedTensor (e.g. the upstream class) carries no sizes
+    if compiling():
+        # Dynamo cannot follow the mask's version counter; a compiled model trusts the sizes
+        # nested_tensor_from_tensor_list recorded (documented in the README).
+        return tensor_list.image_sizes
+    return tensor_list.rectangular_sizes()
 
 
 def _tensor_version(t: Tensor) -> int:

@@ -1,5 +1,8 @@
 """The Triton sine embedding as a PyTorch custom operator.
 
+Registered when ``detr_fast`` is imported (the schema and the fake implementation need no Triton);
+the kernels themselves are imported on the first real call.
+
 ``torch.ops.detr_fast.sine_masks_pos`` is opaque to torch.compile: with its fake (meta)
 implementation, ``torch.compile(fullgraph=True)`` traces a model that calls it without a graph
 break and calls the kernel at run time. Registered through ``torch.library.custom_op`` (torch >=
@@ -17,11 +20,13 @@ from torch import Tensor
 
 from .dispatch import compiling
 from .reference import cached_frequencies, downsample_mask_reference
+from .sine_params import SineParams
 
 _OP_NAME = "detr_fast::sine_masks_pos"
 _SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
            "bool normalize, float scale, float offset, float eps, ScalarType dtype, bool need_mask) "
            "-> (Tensor, Tensor)")
+
 
 def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
@@ -36,10 +41,8 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
             # the device, so the common path has no host-device synchronization.
             sizes = sizes.to(mask.device, non_blocking=True)
         level_mask, pos = sine_embedding_rect(sizes, (int(mask.shape[1]), int(mask.shape[2])), (height, width),
-                                              dim_t, normalize, scale, offset, eps, dtype, need_mask)
-        if level_mask is None:
-            level_mask = mask.new_empty((0,))
-        return level_mask, pos
+                                              dim_t, normalize, scale, offset, eps, dtype)
+        return level_mask if need_mask else mask.new_empty((0,)), pos
     # Arbitrary masks: the reference downsampling, then cumulative sums + the kernel. Nearest
     # resizing to the mask's own size is the identity (scale 1.0), so a mask already at the level's
     # size (PositionEmbeddingSine.forward) skips those three launches.
@@ -85,16 +88,14 @@ def _register() -> None:
 _register()
 
 
-def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int, num_pos_feats: int,
-                   temperature: float, normalize: bool, scale: float, offset: float, eps: float,
+def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int, params: SineParams,
                    dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
     """Call the custom op; returns (level_mask, pos as a B x 2F x h x w view in the reference layout).
 
-    No argument checking here: callers (PositionEmbeddingSine, JoinerBase.masks_and_pos,
-    sine_position_embedding) validate first.
+    No argument checking here: the caller (detr_fast.levels) validates first.
     """
-    args = (mask, image_sizes, height, width, num_pos_feats, temperature, normalize, scale, offset, eps,
-            dtype, need_mask)
+    args = (mask, image_sizes, height, width, params.num_pos_feats, params.temperature, params.normalize,
+            params.scale, params.offset, params.eps, dtype, need_mask)
     if compiling():
         level_mask, pos = torch.ops.detr_fast.sine_masks_pos(*args)
     else:

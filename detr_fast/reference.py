@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sine_params import SineParams
+
 
 def pad_images_reference(tensor_list: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Zero-fill a B x C x Hmax x Wmax batch and copy each image to its top-left corner.
@@ -54,16 +56,23 @@ def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.dev
     return dim_t
 
 
-def sine_embedding_reference(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
-                             scale: float, offset: float, eps: float) -> Tensor:
+def sine_embedding_reference(mask: Tensor, params: SineParams) -> Tensor:
     """Sine position embedding of a B x H x W padding mask (True = padding).
 
     Returns a B x 2F x H x W float32 tensor that is a permuted view of a contiguous B x H x W x 2F
     buffer, like the reference. Channels [0, F) encode the row (y), [F, 2F) the column (x);
     within each half, even channels are sin and odd ones cos of the same frequency.
-    ``offset`` is added to the cumulative position (-0.5 in Deformable-DETR); normalization
+    ``params.offset`` is added to the cumulative position (-0.5 in Deformable-DETR); normalization
     divides by the image's un-offset extent, as Deformable-DETR does.
     """
+    return sine_embedding_formula(mask, params.num_pos_feats, params.temperature, params.normalize,
+                                  params.scale, params.offset, params.eps)
+
+
+def sine_embedding_formula(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
+                           scale: float, offset: float, eps: float) -> Tensor:
+    """sine_embedding_reference with the parameters spelled out: TorchScript cannot take a
+    SineParams, so the scripted PositionEmbeddingSine calls this with its attributes."""
     not_mask = ~mask
     y_embed = not_mask.cumsum(1, dtype=torch.float32)
     x_embed = not_mask.cumsum(2, dtype=torch.float32)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .reference import cached_frequencies, downsample_mask_reference, normalize_positions, sine_of_positions
+from .sine_params import SineParams
 
 
 def rectangle_mask(sizes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
@@ -74,9 +75,8 @@ def level_sizes(sizes: Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int]) 
     return torch.stack([level_h, level_w], dim=1)
 
 
-def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_feats: int,
-                             temperature: float, normalize: bool, scale: float, offset: float,
-                             eps: float, device: torch.device = torch.device("cpu")) -> Tensor:
+def sine_embedding_separable(sizes: Tensor, height: int, width: int, params: SineParams,
+                             device: torch.device = torch.device("cpu")) -> Tensor:
     """The reference embedding (B x 2F x H x W float32, a permuted view of a contiguous
     B x H x W x 2F buffer) of the mask whose image b is valid on [0, sizes[b, 0]) x [0, sizes[b, 1]).
 
@@ -84,7 +84,7 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_fea
     """
     sizes = sizes.to(torch.int64).cpu()
     batch = int(sizes.shape[0])
-    f = num_pos_feats
+    f = params.num_pos_feats
     out = torch.empty((batch, height, width, 2 * f), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out.permute(0, 3, 1, 2)
@@ -99,10 +99,11 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, num_pos_fea
     steps = torch.arange(1, length + 2, dtype=torch.float32, device=device)
     steps[length] = 0
     cum = torch.minimum(steps, extents)  # 2B x (L+1)
-    total = torch.where(steps > 0, extents, 0.0) if normalize else cum  # total is unused without normalize
-    positions = normalize_positions(cum, total, normalize, scale, offset, eps)
+    # total is unused without normalize
+    total = torch.where(steps > 0, extents, 0.0) if params.normalize else cum
+    positions = normalize_positions(cum, total, params.normalize, params.scale, params.offset, params.eps)
     values = torch.empty((2 * batch, length + 1, f), dtype=torch.float32, device=device)
-    sine_of_positions(positions, cached_frequencies(num_pos_feats, temperature, device), out=values)
+    sine_of_positions(positions, cached_frequencies(f, params.temperature, device), out=values)
     y_valid, y_pad = values[:batch, :height], values[:batch, length]  # B x H x F, B x F
     x_valid, x_pad = values[batch:, :width], values[batch:, length]  # B x W x F, B x F
     # Each half is first written with its valid values everywhere (one broadcast copy), then the

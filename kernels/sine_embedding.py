@@ -1,17 +1,16 @@
 """Triton kernel: DETR's sine position embedding (and the nearest-downsampled padding mask).
 
 One launch writes, for one feature level, the B x H x W x 2F embedding buffer (the caller views it
-as B x 2F x H x W, the reference layout) and optionally the level's B x H x W padding mask.
+as B x 2F x H x W, the reference layout). Two kernels share the position transform, the sin/cos
+and PyTorch's nearest index rule:
 
-Two modes, chosen at compile time:
-
-- RECT: every image's valid region is a top-left rectangle whose size (in the *input* mask) is
-  given per image. Nothing is read but those sizes: the level mask follows from PyTorch's nearest
-  index rule, and the embedding is separable, so sin/cos are evaluated per row and per column of a
-  tile and broadcast on the store.
-- GENERAL: an arbitrary mask. The caller passes the cumulative sums of the (already downsampled)
-  not-mask along rows and along columns (two float32 B x H x W tensors, 1/F of the output); the
-  kernel normalizes them and evaluates sin/cos per element.
+- _sine_rect_kernel: every image's valid region is a top-left rectangle whose size (in the *input*
+  mask) is given per image. Nothing is read but those sizes: the level's B x H x W mask follows
+  from the nearest index rule (and is written in the same launch), and the embedding is separable,
+  so sin/cos are evaluated per row and per column of a tile and broadcast on the store.
+- _sine_general_kernel: an arbitrary mask. The launcher passes the cumulative sums of the (already
+  downsampled) not-mask along rows and along columns (two float32 B x H x W tensors, 1/F of the
+  output); the kernel normalizes them and evaluates sin/cos per element.
 
 Precision: the arithmetic replays the reference's float32 operations in the same order
 ((pos + offset) / (last + eps) * scale, then / dim_t, then sin or cos). Triton's plain `/` on
@@ -22,7 +21,7 @@ offset) a 1-ulp change of the argument changes the sine in the 4th digit, so we 
 """
 import os
 import struct
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -97,85 +96,100 @@ def _level_extent(valid_in, out_size, scale, in_size, BLOCK: tl.constexpr, ITERS
 
 
 @triton.jit
-def _sine_embedding_kernel(
-    pos_ptr, mask_ptr, dim_t_ptr, sizes_ptr, ycum_ptr, xcum_ptr,
-    height, width, in_height, in_width, scale_h, scale_w,
-    num_pos_feats, n_chunks,
-    offset, eps, scale,
-    RECT: tl.constexpr, NORMALIZE: tl.constexpr, WRITE_MASK: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-    EXTENT_BLOCK: tl.constexpr, EXTENT_ITERS: tl.constexpr,
-):
-    pid_w = tl.program_id(0)
-    pid_h = tl.program_id(1)
+def _tile(height, width, num_pos_feats, n_chunks, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """This program's tile: image b, half (0 = the row/y half, 1 = the column/x half), its rows,
+    columns and channels with their in-bounds flags, and the element offsets into the contiguous
+    B x H x W x 2F buffer. Grid axis 2 enumerates (image, half, channel chunk)."""
     pid_z = tl.program_id(2)
-    # Axis 2 enumerates (image, half, channel chunk): half 0 is the row (y) half, 1 the column (x).
     b = pid_z // (2 * n_chunks)
     half = (pid_z // n_chunks) % 2
     chunk = pid_z % n_chunks
-
-    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     chans = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     row_in = rows < height
     col_in = cols < width
     chan_in = chans < num_pos_feats
-    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
-    odd = (chans % 2) == 1
-
-    # Element (b, i, j, c) of the contiguous B x H x W x 2F buffer; int64 because batch 8 at
-    # stride 4 already passes 2**31 elements.
+    # int64: batch 8 at stride 4 already passes 2**31 elements.
     pix = (b * height + rows).to(tl.int64)[:, None] * width + cols[None, :]
     offs = pix[:, :, None] * (2 * num_pos_feats) + (half * num_pos_feats + chans)[None, None, :]
     store_mask = row_in[:, None, None] & col_in[None, :, None] & chan_in[None, None, :]
+    return b, half, rows, cols, chans, row_in, col_in, chan_in, pix, offs, store_mask
 
-    if RECT:
-        valid_h = tl.load(sizes_ptr + 2 * b).to(tl.int32)
-        valid_w = tl.load(sizes_ptr + 2 * b + 1).to(tl.int32)
-        # The level mask is the input mask sampled at the nearest source row/column.
-        row_valid = _source_index(rows, scale_h, in_height) < valid_h
-        col_valid = _source_index(cols, scale_w, in_width) < valid_w
-        if WRITE_MASK:
-            if half == 0 and chunk == 0:
-                is_pad = ~(row_valid[:, None] & col_valid[None, :])
-                tl.store(mask_ptr + pix, is_pad.to(tl.uint8), mask=row_in[:, None] & col_in[None, :])
-        # The level mask is a top-left rectangle too; the cumulative position in a valid column
-        # is min(i + 1, level_h) and the column's total is level_h. Padding columns are all zero.
-        zero = tl.zeros([1], dtype=tl.float32)
-        pad_value = _sin_cos(_normalized(zero, zero, offset, eps, scale, NORMALIZE)[:, None],
-                             dim_t[None, :], odd[None, :])  # 1 x C
-        if half == 0:
-            level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK, EXTENT_ITERS)
-            y = tl.minimum(rows + 1, level_h).to(tl.float32)
-            total_h = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
-            y_value = _sin_cos(_normalized(y, total_h, offset, eps, scale, NORMALIZE)[:, None],
-                               dim_t[None, :], odd[None, :])  # BLOCK_H x C
-            tile = tl.where(col_valid[None, :, None], y_value[:, None, :], pad_value[:, None, :])
-        else:
-            level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK, EXTENT_ITERS)
-            x = tl.minimum(cols + 1, level_w).to(tl.float32)
-            total_w = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
-            x_value = _sin_cos(_normalized(x, total_w, offset, eps, scale, NORMALIZE)[:, None],
-                               dim_t[None, :], odd[None, :])  # BLOCK_W x C
-            tile = tl.where(row_valid[:, None, None], x_value[None, :, :], pad_value[:, None, :])
+
+@triton.jit
+def _sine_rect_kernel(
+    pos_ptr, mask_ptr, dim_t_ptr, sizes_ptr,
+    height, width, in_height, in_width, scale_h, scale_w,
+    num_pos_feats, n_chunks, offset, eps, scale,
+    NORMALIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    EXTENT_BLOCK: tl.constexpr, EXTENT_ITERS: tl.constexpr,
+):
+    """Rectangular masks: only the images' valid sizes (in the input mask) are read. The level
+    mask is always written (1 byte per pixel next to the embedding's 2F values)."""
+    b, half, rows, cols, chans, row_in, col_in, chan_in, pix, offs, store_mask = _tile(
+        height, width, num_pos_feats, n_chunks, BLOCK_H, BLOCK_W, BLOCK_C)
+    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    odd = (chans % 2) == 1
+    valid_h = tl.load(sizes_ptr + 2 * b).to(tl.int32)
+    valid_w = tl.load(sizes_ptr + 2 * b + 1).to(tl.int32)
+    # The level mask is the input mask sampled at the nearest source row/column.
+    row_valid = _source_index(rows, scale_h, in_height) < valid_h
+    col_valid = _source_index(cols, scale_w, in_width) < valid_w
+    if half == 0 and tl.program_id(2) % n_chunks == 0:
+        is_pad = ~(row_valid[:, None] & col_valid[None, :])
+        tl.store(mask_ptr + pix, is_pad.to(tl.uint8), mask=row_in[:, None] & col_in[None, :])
+    # The level mask is a top-left rectangle too: the cumulative position in a valid column is
+    # min(i + 1, level_h) and the column's total is level_h. Padding columns are all zero.
+    zero = tl.zeros([1], dtype=tl.float32)
+    pad_value = _sin_cos(_normalized(zero, zero, offset, eps, scale, NORMALIZE)[:, None],
+                         dim_t[None, :], odd[None, :])  # 1 x C
+    if half == 0:
+        level_h = _level_extent(valid_h, height, scale_h, in_height, EXTENT_BLOCK, EXTENT_ITERS)
+        y = tl.minimum(rows + 1, level_h).to(tl.float32)
+        total_h = tl.zeros([BLOCK_H], dtype=tl.float32) + level_h.to(tl.float32)
+        y_value = _sin_cos(_normalized(y, total_h, offset, eps, scale, NORMALIZE)[:, None],
+                           dim_t[None, :], odd[None, :])  # BLOCK_H x C
+        tile = tl.where(col_valid[None, :, None], y_value[:, None, :], pad_value[:, None, :])
     else:
-        # Triton requires a variable assigned in both branches of a runtime `if` to have one type
-        # (shape included), so each branch broadcasts its total to the full tile itself.
-        in_tile = row_in[:, None] & col_in[None, :]
-        if half == 0:
-            cum = tl.load(ycum_ptr + pix, mask=in_tile, other=0.0)
-            # The column's total is the cumulative sum at the last row.
-            col_last = (b * height + height - 1).to(tl.int64) * width + cols
-            total = tl.broadcast_to(tl.load(ycum_ptr + col_last, mask=col_in, other=0.0)[None, :],
-                                    (BLOCK_H, BLOCK_W))
-        else:
-            cum = tl.load(xcum_ptr + pix, mask=in_tile, other=0.0)
-            row_last = (b * height + rows).to(tl.int64) * width + width - 1
-            total = tl.broadcast_to(tl.load(xcum_ptr + row_last, mask=row_in, other=0.0)[:, None],
-                                    (BLOCK_H, BLOCK_W))
-        value = _normalized(cum, total, offset, eps, scale, NORMALIZE)
-        tile = _sin_cos(value[:, :, None], dim_t[None, None, :], odd[None, None, :])
+        level_w = _level_extent(valid_w, width, scale_w, in_width, EXTENT_BLOCK, EXTENT_ITERS)
+        x = tl.minimum(cols + 1, level_w).to(tl.float32)
+        total_w = tl.zeros([BLOCK_W], dtype=tl.float32) + level_w.to(tl.float32)
+        x_value = _sin_cos(_normalized(x, total_w, offset, eps, scale, NORMALIZE)[:, None],
+                           dim_t[None, :], odd[None, :])  # BLOCK_W x C
+        tile = tl.where(row_valid[:, None, None], x_value[None, :, :], pad_value[:, None, :])
+    tl.store(pos_ptr + offs, tile, mask=store_mask)
 
+
+@triton.jit
+def _sine_general_kernel(
+    pos_ptr, dim_t_ptr, ycum_ptr, xcum_ptr,
+    height, width, num_pos_feats, n_chunks, offset, eps, scale,
+    NORMALIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Arbitrary masks: the cumulative sums of the not-mask along rows and columns are read."""
+    b, half, rows, cols, chans, row_in, col_in, chan_in, pix, offs, store_mask = _tile(
+        height, width, num_pos_feats, n_chunks, BLOCK_H, BLOCK_W, BLOCK_C)
+    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    odd = (chans % 2) == 1
+    # Triton requires a variable assigned in both branches of a runtime `if` to have one type
+    # (shape included), so each branch broadcasts its total to the full tile itself.
+    in_tile = row_in[:, None] & col_in[None, :]
+    if half == 0:
+        cum = tl.load(ycum_ptr + pix, mask=in_tile, other=0.0)
+        # The column's total is the cumulative sum at the last row.
+        col_last = (b * height + height - 1).to(tl.int64) * width + cols
+        total = tl.broadcast_to(tl.load(ycum_ptr + col_last, mask=col_in, other=0.0)[None, :],
+                                (BLOCK_H, BLOCK_W))
+    else:
+        cum = tl.load(xcum_ptr + pix, mask=in_tile, other=0.0)
+        row_last = (b * height + rows).to(tl.int64) * width + width - 1
+        total = tl.broadcast_to(tl.load(xcum_ptr + row_last, mask=row_in, other=0.0)[:, None],
+                                (BLOCK_H, BLOCK_W))
+    value = _normalized(cum, total, offset, eps, scale, NORMALIZE)
+    tile = _sin_cos(value[:, :, None], dim_t[None, None, :], odd[None, None, :])
     tl.store(pos_ptr + offs, tile, mask=store_mask)
 
 
@@ -194,72 +208,78 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     return struct.unpack("f", struct.pack("f", in_size / out_size))[0]
 
 
-def extent_constants(height: int, width: int, rect: bool) -> Tuple[int, int]:
-    """(EXTENT_BLOCK, EXTENT_ITERS) of a level: compile-time constants, so every distinct pair is
-    one more compiled kernel. Rectangular levels count their extents in one pass of up to 1024
+def extent_constants(height: int, width: int) -> Tuple[int, int]:
+    """(EXTENT_BLOCK, EXTENT_ITERS) of a rectangular level: compile-time constants, so every
+    distinct pair is one more compiled kernel. Extents are counted in one pass of up to 1024
     rows/columns (every DETR level; the block is a power of two, so few variants), in more passes
-    beyond; the arbitrary-mask mode never counts extents, so it always gets (1, 1)."""
-    if not rect:
-        return 1, 1
+    beyond."""
     block = _pow2(max(height, width), 1024)
     return block, triton.cdiv(max(height, width), block)
 
 
-def _launch(pos: torch.Tensor, mask_out: Optional[torch.Tensor], dim_t: torch.Tensor,
-            sizes: Optional[torch.Tensor], ycum: Optional[torch.Tensor], xcum: Optional[torch.Tensor],
-            in_hw: Tuple[int, int], normalize: bool, scale: float, offset: float, eps: float) -> None:
-    batch, height, width, two_f = pos.shape
-    num_pos_feats = two_f // 2
-    in_h, in_w = in_hw
-    rect = sizes is not None
-    if _INTERPRETED:
-        # Each program is a Python call in the interpreter: few, large programs are fastest.
-        block_h, block_w, block_c = _pow2(height, 16), _pow2(width, 64), _pow2(num_pos_feats, 128)
-        num_warps = 4
-    else:
-        block_c = _pow2(num_pos_feats, 64)
-        block_w = _pow2(width, 16 if rect else 8)
-        block_h = _pow2(height, 8)
-        num_warps = 4
-    n_chunks = triton.cdiv(num_pos_feats, block_c)
-    extent_block, extent_iters = extent_constants(height, width, rect)
-    grid = (triton.cdiv(width, block_w), triton.cdiv(height, block_h), batch * 2 * n_chunks)
-    dummy = dim_t  # pointer arguments unused in the chosen mode
-    _sine_embedding_kernel[grid](
-        pos, mask_out.view(torch.uint8) if mask_out is not None else dummy, dim_t,
-        sizes if rect else dummy, ycum if ycum is not None else dummy, xcum if xcum is not None else dummy,
-        height, width, in_h, in_w,
-        nearest_scale(in_h, height) if rect else 1.0, nearest_scale(in_w, width) if rect else 1.0,
-        num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
-        RECT=rect, NORMALIZE=bool(normalize), WRITE_MASK=mask_out is not None,
-        BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
-        EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters,
-        num_warps=num_warps,
-    )
+class Tiles(NamedTuple):
+    block_h: int
+    block_w: int
+    block_c: int
+    num_warps: int
+
+
+def choose_tiles(height: int, width: int, num_pos_feats: int, rect: bool, for_gpu: bool) -> Tiles:
+    """Block sizes of a launch. On a GPU (not tuned on hardware yet: chosen from the layout):
+    the buffer is contiguous along channels, so a 64-channel block gives each pixel's store 256
+    contiguous bytes (float32); 8 rows x 16 columns x 64 channels is 8192 stores per program of
+    4 warps (64 per thread, enough in flight for bandwidth) while the rect kernel evaluates sin/cos
+    only on 8 + 16 row/column vectors. The general kernel evaluates sin/cos per element, so its
+    tiles are half as wide to bound registers. In the interpreter every program is a Python call:
+    few, large programs run fastest there."""
+    if not for_gpu:
+        return Tiles(_pow2(height, 16), _pow2(width, 64), _pow2(num_pos_feats, 128), 4)
+    return Tiles(_pow2(height, 8), _pow2(width, 16 if rect else 8), _pow2(num_pos_feats, 64), 4)
+
+
+def _grid(batch: int, height: int, width: int, num_pos_feats: int, tiles: Tiles) -> Tuple[Tuple[int, int, int], int]:
+    n_chunks = triton.cdiv(num_pos_feats, tiles.block_c)
+    return (triton.cdiv(width, tiles.block_w), triton.cdiv(height, tiles.block_h), batch * 2 * n_chunks), n_chunks
 
 
 def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int],
                         dim_t: torch.Tensor, normalize: bool, scale: float, offset: float, eps: float,
-                        out_dtype: torch.dtype, write_mask: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+                        out_dtype: torch.dtype, *, gpu_tiles: Optional[bool] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Level mask and embedding buffer for rectangular padding masks.
 
     sizes: B x 2 integer tensor on the output device, each image's valid (h, w) in the input mask
     of size in_hw. dim_t: the F float32 frequencies (reference.sine_frequencies) on that device.
-    Returns (mask B x h x w bool or None, pos B x h x w x 2F of out_dtype, contiguous).
+    Returns (mask B x h x w bool, pos B x h x w x 2F of out_dtype, contiguous).
+    ``gpu_tiles``: use the GPU's block sizes (default: unless interpreted), so that tests can run
+    the GPU's tiling in the interpreter.
     """
     batch = sizes.shape[0]
     height, width = out_hw
+    in_h, in_w = in_hw
     num_pos_feats = dim_t.numel()
     device = dim_t.device
     pos = torch.empty((batch, height, width, 2 * num_pos_feats), dtype=out_dtype, device=device)
-    mask = torch.empty((batch, height, width), dtype=torch.bool, device=device) if write_mask else None
-    if pos.numel() > 0:
-        _launch(pos, mask, dim_t, sizes.contiguous(), None, None, in_hw, normalize, scale, offset, eps)
+    mask = torch.empty((batch, height, width), dtype=torch.bool, device=device)
+    if pos.numel() == 0:
+        return mask, pos
+    tiles = choose_tiles(height, width, num_pos_feats, True, not _INTERPRETED if gpu_tiles is None else gpu_tiles)
+    grid, n_chunks = _grid(batch, height, width, num_pos_feats, tiles)
+    extent_block, extent_iters = extent_constants(height, width)
+    _sine_rect_kernel[grid](
+        pos, mask.view(torch.uint8), dim_t, sizes.contiguous(),
+        height, width, in_h, in_w, nearest_scale(in_h, height), nearest_scale(in_w, width),
+        num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+        NORMALIZE=bool(normalize),
+        BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
+        EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters, num_warps=tiles.num_warps,
+    )
     return mask, pos
 
 
 def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: bool, scale: float,
-                           offset: float, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+                           offset: float, eps: float, out_dtype: torch.dtype, *,
+                           gpu_tiles: Optional[bool] = None) -> torch.Tensor:
     """Embedding buffer (B x H x W x 2F, contiguous) of an arbitrary B x H x W bool mask.
 
     The cumulative sums are taken with torch.cumsum (exact in float32: they are integers below
@@ -268,9 +288,16 @@ def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: b
     batch, height, width = mask.shape
     num_pos_feats = dim_t.numel()
     pos = torch.empty((batch, height, width, 2 * num_pos_feats), dtype=out_dtype, device=mask.device)
-    if pos.numel() > 0:
-        not_mask = ~mask
-        ycum = not_mask.cumsum(1, dtype=torch.float32).contiguous()
-        xcum = not_mask.cumsum(2, dtype=torch.float32).contiguous()
-        _launch(pos, None, dim_t, None, ycum, xcum, (height, width), normalize, scale, offset, eps)
+    if pos.numel() == 0:
+        return pos
+    not_mask = ~mask
+    ycum = not_mask.cumsum(1, dtype=torch.float32).contiguous()
+    xcum = not_mask.cumsum(2, dtype=torch.float32).contiguous()
+    tiles = choose_tiles(height, width, num_pos_feats, False, not _INTERPRETED if gpu_tiles is None else gpu_tiles)
+    grid, n_chunks = _grid(batch, height, width, num_pos_feats, tiles)
+    _sine_general_kernel[grid](
+        pos, dim_t, ycum, xcum, height, width, num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+        NORMALIZE=bool(normalize), BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
+        num_warps=tiles.num_warps,
+    )
     return pos

@@ -19,9 +19,15 @@ from torch import nn
 import detr_fast
 import detr_fast.detr as detr
 from detr_fast import FrozenBatchNorm2d, NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
-from tests.upstream_reference import (DEFORMABLE_LAYERS, DETR_DETECTION_LAYERS, DETR_SEGMENTATION_LAYERS,
-                                      UpstreamBackbone, randomize_frozen_bn_,
-                                      upstream_joiner, upstream_pad)
+from tests.upstream_reference import (
+    DEFORMABLE_LAYERS,
+    DETR_DETECTION_LAYERS,
+    DETR_SEGMENTATION_LAYERS,
+    UpstreamBackbone,
+    randomize_frozen_bn_,
+    upstream_joiner,
+    upstream_pad,
+)
 
 H, W = 64, 80
 TRAINABLE = ("layer2", "layer3", "layer4")

@@ -1,5 +1,6 @@
 """convert(): upstream-built models get detr_fast's stage, same weights, same outputs."""
 import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,8 +9,17 @@ from torchvision.models._utils import IntermediateLayerGetter
 import detr_fast
 from detr_fast import ConversionReport, PositionEmbeddingSine, convert
 from detr_fast.folding import count_folded
-from tests.upstream_reference import (DEFORMABLE_LAYERS, DETR_DETECTION_LAYERS, DETR_SEGMENTATION_LAYERS,
-                                      UpstreamBackbone, UpstreamMiniDETR, UpstreamNestedTensor, randomize_frozen_bn_, upstream_joiner, upstream_pad)
+from tests.upstream_reference import (
+    DEFORMABLE_LAYERS,
+    DETR_DETECTION_LAYERS,
+    DETR_SEGMENTATION_LAYERS,
+    UpstreamBackbone,
+    UpstreamMiniDETR,
+    UpstreamNestedTensor,
+    randomize_frozen_bn_,
+    upstream_joiner,
+    upstream_pad,
+)
 
 
 def _batch(seed):

@@ -1,12 +1,13 @@
-"""Backend selection: validation, the DETR_FAST_BACKEND override of "auto", and the CPU default."""
+"""Backend selection: validation, the DETR_FAST_BACKEND override of "auto", and the one decision
+point, dispatch.sine_path (which implementation the masks/pos step runs)."""
 import pytest
 import torch
 
 from detr_fast import dispatch
-from detr_fast.dispatch import BACKENDS, ENV_VAR, check_backend, resolve_backend
+from detr_fast.dispatch import BACKENDS, ENV_VAR, PATHS, check_backend, sine_path
 
 CPU = torch.device("cpu")
-# resolve_backend only looks at the device's type: a CUDA device object needs no GPU.
+# sine_path only looks at the device's type: a CUDA device object needs no GPU.
 CUDA = torch.device("cuda")
 
 
@@ -27,72 +28,72 @@ def test_check_backend_rejects_unknown(backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "Torch", None])
-def test_resolve_backend_rejects_unknown(backend):
+def test_sine_path_rejects_unknown_backends(backend):
     with pytest.raises(ValueError, match="backend must be one of"):
-        resolve_backend(backend, CPU)
+        sine_path(backend, CPU)
 
 
-def test_auto_on_cpu_is_torch():
-    assert resolve_backend("auto", CPU) == "torch"
+def test_auto_on_cpu_is_the_separable_fallback():
+    assert sine_path("auto", CPU) == "separable"
 
 
 def test_auto_on_cuda_follows_triton_availability(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
-    assert resolve_backend("auto", CUDA) == "triton"
+    assert sine_path("auto", CUDA) == "triton"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    assert resolve_backend("auto", CUDA) == "torch"
+    assert sine_path("auto", CUDA) == "separable"  # CUDA without Triton: the PyTorch fallback
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_explicit_choice_is_kept(backend, device):
-    assert resolve_backend(backend, device) == backend
+@pytest.mark.parametrize("backend, path", [("torch", "reference"), ("triton", "triton")])
+def test_explicit_choice_is_kept(backend, path, device):
+    assert sine_path(backend, device) == path
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 def test_env_overrides_auto(monkeypatch, device):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setenv(ENV_VAR, "triton")
-    assert resolve_backend("auto", device) == "triton"
+    assert sine_path("auto", device) == "triton"
     monkeypatch.setenv(ENV_VAR, "torch")
-    assert resolve_backend("auto", device) == "torch"
+    assert sine_path("auto", device) == "reference"
 
 
 def test_env_value_is_normalized(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "  Triton ")
-    assert resolve_backend("auto", CPU) == "triton"
+    assert sine_path("auto", CPU) == "triton"
     for value in ("", "auto", "AUTO"):
         monkeypatch.setenv(ENV_VAR, value)
-        assert resolve_backend("auto", CPU) == "torch"
+        assert sine_path("auto", CPU) == "separable"
 
 
-@pytest.mark.parametrize("explicit", ["torch", "triton"])
-def test_env_never_overrides_an_explicit_choice(monkeypatch, explicit):
+@pytest.mark.parametrize("explicit, path", [("torch", "reference"), ("triton", "triton")])
+def test_env_never_overrides_an_explicit_choice(monkeypatch, explicit, path):
     other = "triton" if explicit == "torch" else "torch"
     monkeypatch.setenv(ENV_VAR, other)
-    assert resolve_backend(explicit, CPU) == explicit
+    assert sine_path(explicit, CPU) == path
     # Not even an invalid value: it is only read for "auto".
     monkeypatch.setenv(ENV_VAR, "gpu")
-    assert resolve_backend(explicit, CPU) == explicit
+    assert sine_path(explicit, CPU) == path
 
 
 def test_invalid_env_value_raises(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "gpu")
     with pytest.raises(ValueError, match=ENV_VAR):
-        resolve_backend("auto", CPU)
+        sine_path("auto", CPU)
 
 
-def test_tracing_always_resolves_to_torch():
+def test_tracing_always_takes_the_reference():
     seen = []
 
     def fn(x):
-        seen.append(resolve_backend("triton", x.device))
+        seen.append(sine_path("triton", x.device))
         return x + 1
 
     # check_trace=False: the trace checker would also run fn eagerly, outside tracing.
     torch.jit.trace(fn, torch.zeros(2), check_trace=False)
-    assert seen and set(seen) == {"torch"}
-    assert resolve_backend("triton", CPU) == "triton"   # outside tracing the explicit choice holds
+    assert seen and set(seen) == {"reference"}
+    assert sine_path("triton", CPU) == "triton"   # outside tracing the explicit choice holds
 
 
 def test_scripting_resolves_sine_to_the_reference(monkeypatch):
@@ -114,18 +115,15 @@ def test_triton_available_is_a_bool():
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
-        resolve_backend("triton", torch.device("cpu"))
+        sine_path("triton", torch.device("cpu"))
     monkeypatch.setenv("DETR_FAST_BACKEND", "triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        resolve_backend("auto", torch.device("cpu"))
+        sine_path("auto", torch.device("cpu"))
 
 
 def test_sine_path_names_the_implementation(monkeypatch):
-    """PositionEmbeddingSine's one decision: the kernels, the reference (asked for, exported or
-    compiled) or the separable fallback (auto without kernels)."""
-    from detr_fast import position_encoding
-    from detr_fast.position_encoding import sine_path
-
+    """The one decision: the kernels, the reference (asked for, exported or compiled) or the
+    separable fallback (auto without kernels)."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     assert sine_path("auto", CPU) == "separable"
@@ -137,9 +135,10 @@ def test_sine_path_names_the_implementation(monkeypatch):
     assert sine_path("auto", CPU) == "reference"  # the environment asks for the reference
     assert sine_path("triton", CUDA) == "triton"  # ... but never overrides an explicit choice
     monkeypatch.delenv(ENV_VAR)
-    monkeypatch.setattr(position_encoding, "compiling", lambda: True)
+    monkeypatch.setattr(dispatch, "compiling", lambda: True)
     assert sine_path("auto", CPU) == "reference"  # torch.compile traces the reference
     monkeypatch.setattr(dispatch, "exporting", lambda: True)
     assert sine_path("triton", CUDA) == "reference"  # TorchScript / ONNX export
     with pytest.raises(ValueError, match="backend must be one of"):
         sine_path("fast", CPU)
+    assert PATHS == ("triton", "separable", "reference")

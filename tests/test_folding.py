@@ -8,11 +8,9 @@ import torchvision
 from torch import nn
 
 import detr_fast
-from detr_fast import FrozenBatchNorm2d, fold_frozen_bn
+from detr_fast import FrozenBatchNorm2d, fold_frozen_bn, fused_conv
 from detr_fast.folding import FoldedBasicBlock, FoldedBottleneck, count_folded, unfold_frozen_bn
-from detr_fast import fused_conv
-from tests.upstream_reference import (DEFORMABLE_LAYERS, UpstreamBackbone,
-                                      randomize_frozen_bn_)
+from tests.upstream_reference import DEFORMABLE_LAYERS, UpstreamBackbone, randomize_frozen_bn_
 
 
 def _pair(name="resnet50", train_backbone=False, seed=0, layers=DEFORMABLE_LAYERS):

@@ -18,28 +18,39 @@ import inspect
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from detr_fast.kernels.sine_embedding import _sine_embedding_kernel as kernel, extent_constants
+from detr_fast.kernels.sine_embedding import (_sine_general_kernel, _sine_rect_kernel, choose_tiles,
+                                              extent_constants)
 
-names = list(inspect.signature(kernel.fn).parameters)
 pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "sizes_ptr": "*i64",
             "ycum_ptr": "*fp32", "xcum_ptr": "*fp32"}
 floats = ("scale_h", "scale_w", "offset", "eps", "scale")
-# (RECT, NORMALIZE, BLOCK_H, BLOCK_W, BLOCK_C, out dtype): the launcher's block choices on CUDA,
-# square and non-square tiles, one channel block of 2 and of 64.
-# The last item is the level's longer side: rectangular levels count their extents in one pass
-# (100) or, past 1024 rows or columns, in several (1333); the extent constants are the launcher's.
-configs = [(True, True, 8, 16, 64, "*fp32", 100), (True, False, 1, 16, 2, "*bf16", 1333),
-           (False, True, 8, 8, 64, "*fp32", 100), (False, False, 8, 1, 64, "*fp16", 1333)]
-for rect, normalize, bh, bw, bc, out, side in configs:
-    extent_block, extent_iters = extent_constants(side, side, rect)
-    const = dict(RECT=rect, NORMALIZE=normalize, WRITE_MASK=rect, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc,
-                 EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters)
+
+
+def compile_kernel(kernel, const, out):
+    names = list(inspect.signature(kernel.fn).parameters)
     sig = {n: "constexpr" if n in const else ("fp32" if n in floats else pointers.get(n, "i32")) for n in names}
     sig["pos_ptr"] = out
     src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm.get("cubin"), (rect, normalize)
-print("compiled", len(configs))
+    assert compiled.asm.get("cubin"), const
+
+
+# The launcher's own GPU tiles (choose_tiles) for square and non-square levels, one channel block
+# of 2 and of 64, each output dtype. The rect kernel's extent constants are the launcher's too:
+# one counting pass for a 100-pixel side, several past 1024 (1333).
+configs = [(True, 100, 128, "*fp32"), (False, 1333, 2, "*bf16"), (True, 1333, 64, "*fp16")]
+n = 0
+for normalize, side, feats, out in configs:
+    rect_tiles = choose_tiles(side, side, feats, True, for_gpu=True)
+    extent_block, extent_iters = extent_constants(side, side)
+    compile_kernel(_sine_rect_kernel, dict(NORMALIZE=normalize, BLOCK_H=rect_tiles.block_h,
+                                           BLOCK_W=rect_tiles.block_w, BLOCK_C=rect_tiles.block_c,
+                                           EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters), out)
+    general_tiles = choose_tiles(side, side, feats, False, for_gpu=True)
+    compile_kernel(_sine_general_kernel, dict(NORMALIZE=normalize, BLOCK_H=general_tiles.block_h,
+                                              BLOCK_W=general_tiles.block_w, BLOCK_C=general_tiles.block_c), out)
+    n += 2
+print("compiled", n)
 '''
 
 
@@ -54,4 +65,4 @@ def test_sine_kernel_compiles_for_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 4" in result.stdout
+    assert "compiled 6" in result.stdout

@@ -12,9 +12,15 @@ import struct
 import pytest
 import torch
 
-from detr_fast import (NestedTensor, PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding,
-                       nested_tensor_from_tensor_list)
+from detr_fast import (
+    NestedTensor,
+    PositionEmbeddingLearned,
+    PositionEmbeddingSine,
+    build_position_encoding,
+    nested_tensor_from_tensor_list,
+)
 from detr_fast.reference import downsample_mask_reference, sine_embedding_reference, sine_frequencies
+from detr_fast.sine_params import SineParams
 from tests.upstream_reference import UpstreamNestedTensor, UpstreamPositionEmbeddingSine
 
 TWO_PI = 2 * math.pi
@@ -77,7 +83,7 @@ def _check_against_hand(out, mask, num_pos_feats, temperature, normalize, scale,
 def test_sine_reference_against_hand_computation(offset, normalize, scale, num_pos_feats, temperature):
     mask = torch.tensor(MASK_2x3)
     used_scale = TWO_PI if scale is None else scale
-    out = sine_embedding_reference(mask, num_pos_feats, temperature, normalize, used_scale, offset, 1e-6)
+    out = sine_embedding_reference(mask, SineParams(num_pos_feats, temperature, normalize, used_scale, offset, 1e-6))
     _check_against_hand(out, MASK_2x3, num_pos_feats, temperature, normalize, used_scale, offset)
     # The module, on the reference path and on what "auto" runs here (the default a user gets).
     for backend in ("torch", "auto"):
@@ -91,7 +97,7 @@ def test_sine_reference_against_hand_computation(offset, normalize, scale, num_p
 
 def test_sine_reference_literal_values_detr():
     # F = 2, no normalization, offset 0: channels are sin(y), cos(y), sin(x), cos(x) of the raw counts.
-    out = sine_embedding_reference(torch.tensor(MASK_2x3), 2, 10000, False, TWO_PI, 0.0, 1e-6)
+    out = sine_embedding_reference(torch.tensor(MASK_2x3), SineParams(2, 10000, False, TWO_PI, 0.0, 1e-6))
     s, c = math.sin, math.cos
     y0 = [[1, 1, 0], [2, 2, 0]]   # image 0: column 2 is padding, so its count stays 0
     x0 = [[1, 2, 2], [1, 2, 2]]   # the count carries over the padded column
@@ -110,7 +116,7 @@ def test_sine_reference_literal_values_deformable():
     # F = 2, normalize, scale 2*pi, offset -0.5 on image 0 (2 x 2 valid of 2 x 3):
     # y = (count - 0.5) / 2 * 2*pi -> pi/2 in row 0 and 3*pi/2 in row 1 (valid columns),
     # x = pi/2 in column 0 and 3*pi/2 in columns 1 and 2 (the padded column repeats the count 2).
-    out = sine_embedding_reference(torch.tensor(MASK_2x3), 2, 10000, True, TWO_PI, -0.5, 1e-6)[0]
+    out = sine_embedding_reference(torch.tensor(MASK_2x3), SineParams(2, 10000, True, TWO_PI, -0.5, 1e-6))[0]
     sin_y = out[0, :, :2]
     cos_y = out[1, :, :2]
     sin_x = out[2]
@@ -120,7 +126,7 @@ def test_sine_reference_literal_values_deformable():
     torch.testing.assert_close(sin_x, torch.tensor([[1.0, -1.0, -1.0]] * 2), rtol=0, atol=1e-5)
     torch.testing.assert_close(cos_x, torch.zeros(2, 3), rtol=0, atol=1e-5)
     # With offset 0 instead: y = 1/2*2*pi = pi and 2*pi: sin 0, cos -1 then 1.
-    out = sine_embedding_reference(torch.tensor(MASK_2x3), 2, 10000, True, TWO_PI, 0.0, 1e-6)[0]
+    out = sine_embedding_reference(torch.tensor(MASK_2x3), SineParams(2, 10000, True, TWO_PI, 0.0, 1e-6))[0]
     torch.testing.assert_close(out[1, :, :2], torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), rtol=0, atol=1e-5)
 
 
@@ -155,7 +161,9 @@ def test_sine_module_equals_upstream_on_random_masks(seed, deformable, normalize
     else:
         mask = torch.ones(b, h, w, dtype=torch.bool)
         for i in range(b):
-            mask[i, : int(torch.randint(1, h + 1, (1,), generator=g)), : int(torch.randint(1, w + 1, (1,), generator=g))] = False
+            valid_h = int(torch.randint(1, h + 1, (1,), generator=g))
+            valid_w = int(torch.randint(1, w + 1, (1,), generator=g))
+            mask[i, :valid_h, :valid_w] = False
     up = UpstreamPositionEmbeddingSine(f, normalize=normalize, deformable=deformable)
     ours = PositionEmbeddingSine(f, normalize=normalize, offset=-0.5 if deformable else 0.0, backend=backend)
     expected = up(UpstreamNestedTensor(torch.zeros(b, 3, h, w), mask))

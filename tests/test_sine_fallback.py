@@ -5,10 +5,11 @@ import random
 import pytest
 import torch
 
-import detr_fast.position_encoding as position_encoding
-from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
+import detr_fast.levels as levels
 from detr_fast import FrozenBatchNorm2d as detr_fast_frozen_bn
+from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
 from detr_fast.reference import downsample_mask_reference, sine_embedding_reference
+from detr_fast.sine_params import SineParams
 from detr_fast.sine_separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
 
 
@@ -37,8 +38,8 @@ def test_separable_is_bit_identical_to_reference():
         args = (f, float(torch.rand(1, generator=gen)) * 20000 + 1, normalize, 6.28 if normalize else 1.0,
                 (0.0, -0.5, 0.3)[trial % 3], (1e-6, 1e-2)[trial % 2])
         mask = rect_mask(sizes, h, w)
-        ref = sine_embedding_reference(mask, *args)
-        out = sine_embedding_separable(torch.tensor(sizes), h, w, *args)
+        ref = sine_embedding_reference(mask, SineParams(*args))
+        out = sine_embedding_separable(torch.tensor(sizes), h, w, SineParams(*args))
         context = f"seed={seed} sizes={sizes} {h}x{w} args={args}"
         assert torch.equal(out, ref), context
         assert out.stride() == ref.stride(), context
@@ -99,8 +100,8 @@ def test_rectangle_detection_matches_brute_force():
 @pytest.mark.parametrize("with_sizes", [True, False])
 def test_auto_module_on_cpu_uses_separable_path_and_matches(monkeypatch, with_sizes):
     calls = []
-    real = position_encoding.sine_embedding_separable
-    monkeypatch.setattr(position_encoding, "sine_embedding_separable",
+    real = levels.sine_embedding_separable
+    monkeypatch.setattr(levels, "sine_embedding_separable",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     nt = nested_tensor_from_tensor_list([torch.zeros(3, 13, 30), torch.zeros(3, 21, 9)])
     if not with_sizes:
@@ -115,10 +116,11 @@ def test_auto_module_on_cpu_uses_separable_path_and_matches(monkeypatch, with_si
 def test_explicit_torch_and_arbitrary_masks_take_the_reference(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("separable path must not run")
-    monkeypatch.setattr(position_encoding, "sine_embedding_separable", fail)
+    monkeypatch.setattr(levels, "sine_embedding_separable", fail)
     nt = nested_tensor_from_tensor_list([torch.zeros(3, 13, 30), torch.zeros(3, 21, 9)])
     ref_module = PositionEmbeddingSine(16, normalize=True, backend="torch")
-    assert torch.equal(ref_module(nt), sine_embedding_reference(nt.mask, 16, 10000.0, True, ref_module.scale, 0.0, 1e-6))
+    expected = sine_embedding_reference(nt.mask, SineParams(16, 10000.0, True, ref_module.scale, 0.0, 1e-6))
+    assert torch.equal(ref_module(nt), expected)
     monkeypatch.setenv("DETR_FAST_BACKEND", "torch")
     PositionEmbeddingSine(16, normalize=True)(nt)  # the env override asks for the reference too
     monkeypatch.delenv("DETR_FAST_BACKEND")

@@ -14,6 +14,7 @@ from detr_fast import NestedTensor, PositionEmbeddingSine, sine_position_embeddi
 from detr_fast.kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
 from detr_fast.ops import sine_masks_pos
 from detr_fast.reference import cached_frequencies, downsample_mask_reference, sine_embedding_reference
+from detr_fast.sine_params import SineParams
 from tests.conftest import kernel_devices
 
 DEVICES = kernel_devices()
@@ -91,10 +92,10 @@ def test_rectangular_masks_match_reference(device, params, dtype):
         for out_hw in ((in_h, in_w), (out_h, out_w)):
             context = f"seed={seed} in={in_h}x{in_w} out={out_hw} sizes={sizes} params={params} dtype={dtype}"
             level_mask, pos = sine_embedding_rect(torch.tensor(sizes, device=device), (in_h, in_w), out_hw, dim_t,
-                                                  normalize, scale, offset, eps, dtype, True)
+                                                  normalize, scale, offset, eps, dtype)
             ref_mask = downsample_mask_reference(mask, list(out_hw))
             assert torch.equal(level_mask, ref_mask), context
-            ref = sine_embedding_reference(ref_mask, f, temperature, normalize, scale, offset, eps)
+            ref = sine_embedding_reference(ref_mask, SineParams(*params))
             assert_close_to_reference(pos.permute(0, 3, 1, 2), ref, dtype, context)
 
 
@@ -116,7 +117,7 @@ def test_arbitrary_masks_match_reference(device, params, dtype):
             mask[0, 1] = True  # an all-padding row
         context = f"seed={seed} mask {batch}x{h}x{w} density={density:.2f} params={params}"
         pos = sine_embedding_general(mask, dim_t, normalize, scale, offset, eps, dtype)
-        ref = sine_embedding_reference(mask, f, temperature, normalize, scale, offset, eps)
+        ref = sine_embedding_reference(mask, SineParams(*params))
         assert_close_to_reference(pos.permute(0, 3, 1, 2), ref, dtype, context)
 
 
@@ -135,7 +136,7 @@ def test_downsampled_masks_bit_identical_on_many_sizes(device):
         mask = rect_mask(sizes, in_h, in_w, device)
         for out_hw in sorted(outs):
             level_mask, _ = sine_embedding_rect(torch.tensor(sizes, device=device), (in_h, in_w), out_hw, dim_t,
-                                                True, 1.0, 0.0, 1e-6, torch.float32, True)
+                                                True, 1.0, 0.0, 1e-6, torch.float32)
             assert torch.equal(level_mask, downsample_mask_reference(mask, list(out_hw))), \
                 f"seed={seed} in={in_h}x{in_w} out={out_hw} sizes={sizes}"
 
@@ -170,10 +171,10 @@ def test_levels_wider_than_one_extent_pass(device):
     for out_w in (in_w, 1100, 1025, 700):
         context = f"seed={seed} widths={widths} out_w={out_w}"
         level_mask, pos = sine_embedding_rect(torch.tensor(sizes, device=device), (1, in_w), (1, out_w), dim_t,
-                                              True, 6.28, -0.5, 1e-6, torch.float32, True)
+                                              True, 6.28, -0.5, 1e-6, torch.float32)
         ref_mask = downsample_mask_reference(mask, [1, out_w])
         assert torch.equal(level_mask, ref_mask), context
-        ref = sine_embedding_reference(ref_mask, 4, 10000.0, True, 6.28, -0.5, 1e-6)
+        ref = sine_embedding_reference(ref_mask, SineParams(4, 10000.0, True, 6.28, -0.5, 1e-6))
         assert_close_to_reference(pos.permute(0, 3, 1, 2), ref, torch.float32, context)
 
 
@@ -203,7 +204,7 @@ def test_empty_batch_and_empty_levels(device):
     ref = module.reference(empty)
     assert out.shape == ref.shape == (0, 16, 5, 7) and out.stride() == ref.stride()
     mask = rect_mask([(3, 4)], 6, 6, device)
-    level_mask, pos = sine_masks_pos(mask, torch.tensor([[3, 4]]), 0, 3, 8, 10000.0, True, 1.0, 0.0, 1e-6,
+    level_mask, pos = sine_masks_pos(mask, torch.tensor([[3, 4]]), 0, 3, SineParams(8, 10000.0, True, 1.0, 0.0, 1e-6),
                                      torch.float32, True)
     assert level_mask.shape == (1, 0, 3) and pos.shape == (1, 16, 0, 3)
 
@@ -246,10 +247,36 @@ def test_compile_time_constants_do_not_follow_every_size():
     from detr_fast.kernels.sine_embedding import extent_constants
 
     sizes = [(h, w) for h in range(1, 300, 7) for w in range(1, 1400, 13)]
-    assert {extent_constants(h, w, rect=False) for h, w in sizes} == {(1, 1)}
-    rect = {extent_constants(h, w, rect=True) for h, w in sizes}
+    rect = {extent_constants(h, w) for h, w in sizes}
     assert all(block & (block - 1) == 0 and block * iters >= 1 for block, iters in rect)
     assert len(rect) <= 12, rect  # powers of two up to 1024, then 1024 x a couple of passes
     for h, w in sizes:
-        block, iters = extent_constants(h, w, rect=True)
+        block, iters = extent_constants(h, w)
         assert block * iters >= max(h, w) and (iters == 1 or block == 1024)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_tiles_match_reference(device):
+    """The block sizes the GPU runs (smaller tiles, several programs per level and channel
+    chunks), executed here too: every tile boundary of both kernels against the reference."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = SineParams(80, 10000.0, True, 6.283185307179586, -0.5, 1e-6)  # 80 > 64: two channel chunks
+    dim_t = cached_frequencies(params.num_pos_feats, params.temperature, torch.device(device))
+    in_h, in_w = 37, 45
+    sizes = random_sizes(gen, 2, in_h, in_w)
+    mask = rect_mask(sizes, in_h, in_w, device)
+    for out_hw in ((in_h, in_w), (19, 23)):  # 19 x 23: partial 8 x 16 tiles at both edges
+        context = f"seed={seed} sizes={sizes} out={out_hw}"
+        level_mask, pos = sine_embedding_rect(torch.tensor(sizes, device=device), (in_h, in_w), out_hw, dim_t,
+                                              True, params.scale, params.offset, params.eps, torch.float32,
+                                              gpu_tiles=True)
+        ref_mask = downsample_mask_reference(mask, list(out_hw))
+        assert torch.equal(level_mask, ref_mask), context
+        ref = sine_embedding_reference(ref_mask, params)
+        assert_close_to_reference(pos.permute(0, 3, 1, 2), ref, torch.float32, context)
+        holes = ref_mask | (torch.rand(ref_mask.shape, generator=gen) < 0.2).to(device)
+        pos = sine_embedding_general(holes, dim_t, True, params.scale, params.offset, params.eps, torch.float32,
+                                     gpu_tiles=True)
+        assert_close_to_reference(pos.permute(0, 3, 1, 2), sine_embedding_reference(holes, params), torch.float32,
+                                  context + " general")

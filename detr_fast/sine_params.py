@@ -1,0 +1,39 @@
+"""SineParams: the numbers that define a sine position embedding, validated in one place.
+
+DETR's embedding is (num_pos_feats, temperature, normalize, scale); Deformable-DETR adds an
+``offset`` (-0.5) to the cumulative position, and both divide by (extent + eps) when normalizing.
+Every path (reference, separable fallback, kernels) takes one SineParams instead of six numbers.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SineParams:
+    num_pos_feats: int = 64
+    temperature: float = 10000.0
+    normalize: bool = False
+    scale: float = 2 * math.pi
+    offset: float = 0.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        f = self.num_pos_feats
+        if not isinstance(f, int) or isinstance(f, bool) or f <= 0 or f % 2 != 0:
+            raise ValueError(f"num_pos_feats must be a positive even int, got {f!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if not math.isfinite(self.scale) or not math.isfinite(self.offset):
+            raise ValueError(f"scale and offset must be finite, got scale={self.scale!r}, offset={self.offset!r}")
+
+    @classmethod
+    def from_args(cls, num_pos_feats: int = 64, temperature: float = 10000, normalize: bool = False,
+                  scale: Optional[float] = None, offset: float = 0.0, eps: float = 1e-6) -> "SineParams":
+        """The reference constructor's rules: ``scale`` only with ``normalize``, default 2*pi."""
+        if scale is not None and normalize is False:
+            raise ValueError("normalize should be True if scale is passed")
+        return cls(num_pos_feats, float(temperature), bool(normalize),
+                   float(2 * math.pi if scale is None else scale), float(offset), float(eps))
