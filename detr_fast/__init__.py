@@ -3,7 +3,8 @@
 The names here follow Deformable-DETR's conventions (the seed's); DETR's are in detr_fast.detr.
 """
 from .backbone import Backbone, BackboneBase, Joiner, build_backbone
-from .convert import ConversionReport, convert
+from .conversion import ConversionReport
+from .convert import conversion_report, convert
 from .dispatch import BACKENDS
 from .folding import fold_frozen_bn, unfold_frozen_bn
 from .frozen_bn import FrozenBatchNorm2d
@@ -24,5 +25,5 @@ __all__ = [
     "BACKENDS", "Backbone", "BackboneBase", "ConversionReport", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
     "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_backbone", "build_position_encoding",
     "nested_tensor_from_tensor_list", "convert", "fold_frozen_bn", "unfold_frozen_bn",
-    "sine_position_embedding", "clear_fold_cache", "SineParams",
+    "sine_position_embedding", "clear_fold_cache", "SineParams", "conversion_report",
 ]

@@ -1,4 +1,4 @@
-"""fold_frozen_bn: run every conv + FrozenBatchNorm2d pair of a ResNet body as one convolution.
+"""fold_frozen_bn: run every conv + frozen BatchNorm pair of a backbone as one convolution.
 
 The modules are changed in place by swapping their class for a subclass whose forward calls the
 folded convolutions (detr_fast.fused_conv.conv_bn). Nothing is renamed, added or removed: every
@@ -6,141 +6,48 @@ conv and BN stays a child under its own name, so the state_dict keys, shapes and
 reference's and checkpoints load both ways. The folded weights are derived at run time (see
 fused_conv), so a checkpoint loaded or a parameter changed after folding takes effect.
 
-What is folded: torchvision's Bottleneck and BasicBlock (conv1/bn1, conv2/bn2, conv3/bn3 and a
-downsample Sequential(conv, bn)), the stem (conv1/bn1/relu) at the top of an
-IntermediateLayerGetter or a torchvision ResNet. Blocks of other classes, or with a norm layer that
-is not detr_fast's FrozenBatchNorm2d, are left as they are (a warning lists them);
-detr_fast.convert() first replaces other frozen BN classes by detr_fast's.
+What is folded:
+- torchvision's Bottleneck and BasicBlock and the stem (conv1/bn1/relu) at the top of an
+  IntermediateLayerGetter or a torchvision ResNet (folded_torchvision.py: static classes);
+- every structure in fold_recipes.RECIPES: timm's ResNet blocks and feature-extractor stem,
+  transformers' ResNet, RT-DETR's ResNet-vd and HGNetV2 conv units and residual layers. Each
+  module folded by a recipe is first checked, on a small random input, to compute what it did.
+Blocks with another norm layer (a trainable nn.BatchNorm2d, another library's frozen BN),
+another activation before a residual add, or extra branches are left as they are, with the
+reason. detr_fast.convert() first replaces other libraries' frozen BN classes by detr_fast's.
 """
 import logging
+import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import ResNet
 
-from .fused_conv import clear_fold_cache, conv_bn, foldable, memory_format_of
+from .class_swap import base_class
+from .fold_recipes import Recipe, folded_class, folded_recipe, probe_input, recipe_for
+from .folded_torchvision import (
+    BLOCK_PAIRS,
+    BLOCKS,
+    CHANNELS_LAST_ATTR,
+    STEM_ATTR,
+    FoldedBasicBlock,
+    FoldedBottleneck,
+    FoldedIntermediateLayerGetter,
+    FoldedResNet,
+    block_foldable,
+    stem_plan,
+)
+from .fused_conv import clear_fold_cache
 
 logger = logging.getLogger("detr_fast")
 
-_STEM_ATTR = "_detr_fast_stem"
-_CHANNELS_LAST_ATTR = "_detr_fast_channels_last"
-
-
-def _downsample(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
-    if downsample is None:
-        return x
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and foldable(downsample[0], downsample[1]):
-        return conv_bn(x, downsample[0], downsample[1])
-    return downsample(x)
-
-
-class FoldedBottleneck(Bottleneck):
-    """torchvision's Bottleneck with each conv + frozen BN folded; the last conv's epilogue adds the
-    residual and applies the ReLU."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = _downsample(self.downsample, x)
-        out = conv_bn(x, self.conv1, self.bn1, relu=True)
-        out = conv_bn(out, self.conv2, self.bn2, relu=True)
-        return conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity)
-
-
-class FoldedBasicBlock(BasicBlock):
-    """torchvision's BasicBlock (resnet18/34) with each conv + frozen BN folded."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = _downsample(self.downsample, x)
-        out = conv_bn(x, self.conv1, self.bn1, relu=True)
-        return conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity)
-
-
-def _stem_plan(children: "OrderedDict[str, nn.Module]", returned: List[str]) -> Optional[Tuple[str, str, str]]:
-    """(conv, bn, relu) names of a foldable stem at the top of ``children``, else None."""
-    names = list(children.keys())
-    if names[:3] != ["conv1", "bn1", "relu"] or any(n in returned for n in ("conv1", "bn1")):
-        return None
-    if not foldable(children["conv1"], children["bn1"]) or type(children["relu"]) is not nn.ReLU:
-        return None
-    return ("conv1", "bn1", "relu")
-
-
-def _enter(module: nn.Module, x: Tensor) -> Tensor:
-    if module.__dict__.get(_CHANNELS_LAST_ATTR, False) and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _leave(y: Tensor, like: torch.memory_format, bn_dtype: Optional[torch.dtype]) -> Tensor:
-    # Memory format in = memory format out: a caller who passes NCHW-contiguous images gets
-    # NCHW-contiguous features, like the reference (code downstream may .view() them).
-    y = y.contiguous(memory_format=like)
-    # The reference's last op per layer is its frozen BN, whose buffers promote the conv's output:
-    # under autocast its features are float32, not bf16/fp16. Return the same dtype, so that the
-    # features and the pos (cast to the features' dtype by the Joiner) match the reference's.
-    if bn_dtype is not None:
-        y = y.to(torch.promote_types(y.dtype, bn_dtype))
-    return y
-
-
-def _bn_dtype(module: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the body's frozen BN buffers (the first buffer), or None without buffers."""
-    for buf in module.buffers():
-        return buf.dtype if buf.is_floating_point() else None
-    return None
-
-
-class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
-    """IntermediateLayerGetter whose stem conv1/bn1/relu runs as one folded convolution."""
-
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        like = memory_format_of(x)
-        bn_dtype = _bn_dtype(self)
-        x = _enter(self, x)
-        stem = self.__dict__.get(_STEM_ATTR)
-        out: Dict[str, Tensor] = OrderedDict()
-        for name, module in self.items():
-            if stem is not None and name in stem[1:]:
-                continue  # consumed by the folded stem convolution
-            if stem is not None and name == stem[0]:
-                x = conv_bn(x, self[stem[0]], self[stem[1]], relu=True)
-            else:
-                x = module(x)
-            if name in self.return_layers:
-                out[self.return_layers[name]] = _leave(x, like, bn_dtype)
-        return out
-
-
-class FoldedResNet(ResNet):
-    """torchvision's ResNet whose stem conv1/bn1/relu runs as one folded convolution."""
-
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = _enter(self, x)
-        if self.__dict__.get(_STEM_ATTR) is not None:
-            x = conv_bn(x, self.conv1, self.bn1, relu=True)
-        else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-_BLOCKS = {Bottleneck: FoldedBottleneck, BasicBlock: FoldedBasicBlock}
-_BLOCK_PAIRS = {Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-                BasicBlock: (("conv1", "bn1"), ("conv2", "bn2"))}
-
-
-def _block_foldable(block: nn.Module, base: type) -> bool:
-    if type(block.relu) is not nn.ReLU:
-        return False
-    if not all(foldable(getattr(block, c), getattr(block, b)) for c, b in _BLOCK_PAIRS[base]):
-        return False
-    ds = block.downsample
-    return ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and foldable(ds[0], ds[1]))
+_CONTAINERS = {IntermediateLayerGetter: FoldedIntermediateLayerGetter, ResNet: FoldedResNet}
+_UNFOLD = {**{v: k for k, v in BLOCKS.items()}, **{v: k for k, v in _CONTAINERS.items()}}
 
 
 @dataclass
@@ -151,39 +58,124 @@ class FoldResult:
     stems: int = 0
     pairs: int = 0
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    # Every change made, to undo exactly this fold: (module, its class before, its __dict__
+    # entries before for the attributes folding sets).
+    changes: List[Tuple[nn.Module, type, Dict[str, Any]]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Put every module this fold changed back as it was."""
+        for module, cls, attrs in reversed(self.changes):
+            module.__class__ = cls
+            for name, value in attrs.items():
+                if value is _MISSING:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = value
+            clear_fold_cache(module)
+        self.changes.clear()
 
 
+_MISSING = object()
 _UNFOLDABLE = "not torchvision's block with nn.Conv2d + detr_fast FrozenBatchNorm2d + nn.ReLU"
+
+
+def _set_class(result: FoldResult, module: nn.Module, cls: type, **attrs: Any) -> None:
+    """Change ``module``'s class (and private attributes), recording how to undo it."""
+    if type(module) is cls and all(module.__dict__.get(k, _MISSING) == v for k, v in attrs.items()):
+        return
+    result.changes.append((module, type(module), {k: module.__dict__.get(k, _MISSING) for k in attrs}))
+    module.__class__ = cls
+    module.__dict__.update(attrs)
+
+
+def _folds_like_before(module: nn.Module, recipe: Recipe) -> bool:
+    """Whether ``module`` run with ``recipe``'s methods computes what its own class computes, on a
+    small random input (eval mode, no grad): a structure that only looks like a known one fails."""
+    folded = folded_class(base_class(module), recipe)
+    modes = [(m, m.training) for m in module.modules()]
+    original = module.__class__
+    try:
+        module.eval()
+        x = probe_input(module, recipe)
+        with torch.no_grad():
+            module.__class__ = base_class(module)
+            want = module(x)
+            module.__class__ = folded
+            got = module(x)
+    except Exception:  # e.g. a block that needs another input size: not one we know
+        return False
+    finally:
+        module.__class__ = original
+        for m, mode in modes:
+            m.training = mode
+        clear_fold_cache(module)
+    return _close(want, got)
+
+
+def _close(want: Any, got: Any) -> bool:
+    """Whether two outputs (a tensor, or a list/tuple/dict of them) agree up to folding's rounding."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        want, got = list(want.values()), list(got.values())
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(want) == len(got) and all(_close(a, b) for a, b in zip(want, got))
+    if not (torch.is_tensor(want) and torch.is_tensor(got)) or want.shape != got.shape:
+        return False
+    if want.numel() == 0:
+        return True
+    scale = max(float(want.abs().max()), 1e-12)
+    err = float((want.double() - got.double()).abs().max())
+    # float32 on CPU: rounding only; CUDA may run the convolutions in TF32, reduced precision rounds.
+    tol = 1e-4 if want.dtype == torch.float32 and want.device.type == "cpu" else 2e-2
+    return math.isfinite(err) and err <= tol * scale
 
 
 def fold(module: nn.Module, channels_last: bool = True) -> FoldResult:
     """fold_frozen_bn's work, without warnings: returns what was folded and what was not."""
     result = FoldResult()
     for name, m in module.named_modules():
-        base = next((b for b in _BLOCKS if type(m) in (b, _BLOCKS[b])), None)
+        where = name or type(m).__name__
+        base = next((b for b in BLOCKS if type(m) in (b, BLOCKS[b])), None)
+        container = next((c for c in _CONTAINERS if type(m) in (c, _CONTAINERS[c])), None)
         if base is not None:
-            if _block_foldable(m, base):
-                m.__class__ = _BLOCKS[base]
+            if block_foldable(m, base):
+                _set_class(result, m, BLOCKS[base])
                 result.blocks += 1
             else:
-                m.__class__ = base  # unfold a block that can no longer be folded
-                result.skipped.append((name or type(m).__name__, _UNFOLDABLE))
-        elif type(m) in (IntermediateLayerGetter, FoldedIntermediateLayerGetter, ResNet, FoldedResNet):
-            if type(m) in (IntermediateLayerGetter, FoldedIntermediateLayerGetter):
-                plan = _stem_plan(OrderedDict(m.items()), list(m.return_layers))
-                m.__class__ = FoldedIntermediateLayerGetter
+                _set_class(result, m, base)  # unfold a block that can no longer be folded
+                result.skipped.append((where, _UNFOLDABLE))
+        elif container is not None:
+            if container is IntermediateLayerGetter:
+                plan = stem_plan(OrderedDict(m.items()), list(m.return_layers))
             else:
-                children = OrderedDict(m.named_children())
-                plan = _stem_plan(children, [])
-                m.__class__ = FoldedResNet
-            m.__dict__[_STEM_ATTR] = plan
-            m.__dict__[_CHANNELS_LAST_ATTR] = channels_last
+                plan = stem_plan(OrderedDict(m.named_children()), [])
+            _set_class(result, m, _CONTAINERS[container], **{STEM_ATTR: plan, CHANNELS_LAST_ATTR: channels_last})
             result.stems += plan is not None
             if plan is None and "conv1" in dict(m.named_children()):
                 result.skipped.append(((name + ".conv1") if name else "conv1", _UNFOLDABLE))
+        else:
+            _fold_by_recipe(m, where, result)
     result.pairs = count_folded(module)
-    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems", result.blocks, result.stems)
+    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems (%d conv+BN pairs)",
+                result.blocks, result.stems, result.pairs)
     return result
+
+
+def _fold_by_recipe(m: nn.Module, where: str, result: FoldResult) -> None:
+    recipe = recipe_for(m)
+    if recipe is None:
+        return
+    problem = recipe.why_not(m)
+    if problem is None and folded_recipe(m) is not recipe and not _folds_like_before(m, recipe):
+        problem = "folded, it would not compute what it does now (checked on a random input)"
+    if problem is not None:
+        _set_class(result, m, base_class(m))  # unfold a module that can no longer be folded
+        result.skipped.append((where, problem))
+        return
+    _set_class(result, m, folded_class(base_class(m), recipe))
+    if recipe.name == "timm_feature_net":
+        result.stems += 1
+    elif recipe.name != "conv_unit":
+        result.blocks += 1
 
 
 def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -> nn.Module:
@@ -213,25 +205,29 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
 
 
 def unfold_frozen_bn(module: nn.Module) -> nn.Module:
-    """Undo fold_frozen_bn in place: the reference classes and forwards come back."""
-    reverse = {FoldedBottleneck: Bottleneck, FoldedBasicBlock: BasicBlock,
-               FoldedIntermediateLayerGetter: IntermediateLayerGetter, FoldedResNet: ResNet}
+    """Undo every fold under ``module`` in place: the reference classes and forwards come back."""
     for m in module.modules():
-        if type(m) in reverse:
-            m.__class__ = reverse[type(m)]
-            m.__dict__.pop(_STEM_ATTR, None)
-            m.__dict__.pop(_CHANNELS_LAST_ATTR, None)
+        if type(m) in _UNFOLD:
+            m.__class__ = _UNFOLD[type(m)]
+            m.__dict__.pop(STEM_ATTR, None)
+            m.__dict__.pop(CHANNELS_LAST_ATTR, None)
+        elif folded_recipe(m) is not None:
+            m.__class__ = base_class(m)
     clear_fold_cache(module)
     return module
 
 
 def count_folded(module: nn.Module) -> int:
     """How many conv + BN pairs under ``module`` run folded."""
-    n = 0
+    convs = set()
     for m in module.modules():
         if type(m) in (FoldedBottleneck, FoldedBasicBlock):
-            n += len(_BLOCK_PAIRS[Bottleneck if type(m) is FoldedBottleneck else BasicBlock])
-            n += m.downsample is not None
-        elif type(m) in (FoldedIntermediateLayerGetter, FoldedResNet) and m.__dict__.get(_STEM_ATTR):
-            n += 1
-    return n
+            pairs = BLOCK_PAIRS[_UNFOLD[type(m)]]
+            convs.update(id(getattr(m, conv)) for conv, _ in pairs)
+            if m.downsample is not None:
+                convs.add(id(m.downsample[0]))
+        elif type(m) in (FoldedIntermediateLayerGetter, FoldedResNet) and m.__dict__.get(STEM_ATTR):
+            convs.add(id(getattr(m, m.__dict__[STEM_ATTR][0])))
+        elif folded_recipe(m) is not None:
+            convs.update(id(c) for c in folded_recipe(m).folded_convs(m))
+    return len(convs)

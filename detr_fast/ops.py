@@ -9,7 +9,7 @@ break and calls the kernel at run time. Registered through ``torch.library.custo
 2.4) or, on older torch, ``torch.library.Library`` + ``register_fake``/``impl_abstract``/Meta.
 
 Schema: (mask, image_sizes?, height, width, num_pos_feats, temperature, normalize, scale, offset,
-eps, dtype, need_mask) -> (level_mask, pos) where pos is the contiguous B x h x w x 2F buffer
+eps, frequencies, dtype, need_mask) -> (level_mask, pos) where pos is the contiguous B x h x w x 2F buffer
 (callers view it as B x 2F x h x w, the reference layout) and level_mask the B x h x w
 nearest-downsampled mask, or an empty tensor when need_mask is False.
 """
@@ -24,16 +24,17 @@ from .sine_params import SineParams
 
 _OP_NAME = "detr_fast::sine_masks_pos"
 _SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
-           "bool normalize, float scale, float offset, float eps, ScalarType dtype, bool need_mask) "
+           "bool normalize, float scale, float offset, float eps, str frequencies, ScalarType dtype, bool need_mask) "
            "-> (Tensor, Tensor)")
 
 
 def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
-                         offset: float, eps: float, dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
+                         offset: float, eps: float, frequencies: str, dtype: torch.dtype,
+                         need_mask: bool) -> Tuple[Tensor, Tensor]:
     from .kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
 
-    dim_t = cached_frequencies(num_pos_feats, temperature, mask.device)
+    dim_t = cached_frequencies(num_pos_feats, temperature, mask.device, frequencies)
     if image_sizes is not None:
         sizes = image_sizes
         if sizes.device != mask.device:
@@ -60,7 +61,8 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
 
 def _sine_masks_pos_fake(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
-                         offset: float, eps: float, dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
+                         offset: float, eps: float, frequencies: str, dtype: torch.dtype,
+                         need_mask: bool) -> Tuple[Tensor, Tensor]:
     batch = mask.shape[0]
     pos = mask.new_empty((batch, height, width, 2 * num_pos_feats), dtype=dtype)
     level_mask = mask.new_empty((batch, height, width) if need_mask else (0,), dtype=torch.bool)
@@ -95,7 +97,7 @@ def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, wid
     No argument checking here: the caller (detr_fast.levels) validates first.
     """
     args = (mask, image_sizes, height, width, params.num_pos_feats, params.temperature, params.normalize,
-            params.scale, params.offset, params.eps, dtype, need_mask)
+            params.scale, params.offset, params.eps, params.frequencies, dtype, need_mask)
     if compiling():
         level_mask, pos = torch.ops.detr_fast.sine_masks_pos(*args)
     else:

@@ -35,50 +35,59 @@ def downsample_mask_reference(mask: Tensor, size: List[int]) -> Tensor:
     return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
-def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
-    """dim_t of the reference: temperature ** (2 * (i // 2) / num_pos_feats), float32."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.device, rule: str = "detr",
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """dim_t of the reference: temperature ** (2 * (i // 2) / num_pos_feats), in ``dtype``.
+
+    ``rule`` "dab" rounds it as transformers' DAB-DETR does: temperature ** ((i // 2) * (2 / F)).
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=device)
+    if rule == "dab":
+        return temperature ** ((dim_t // 2) * (2 / num_pos_feats))
     return temperature ** (2 * (dim_t // 2) / num_pos_feats)
 
 
-_FREQUENCIES: Dict[Tuple[int, float, str], Tensor] = {}
+_FREQUENCIES: Dict[Tuple[int, float, str, str], Tensor] = {}
 
 
-def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
-    """sine_frequencies, computed once per (F, temperature, device) for the fast paths (the
-    reference itself recomputes them, as upstream does). Computed on the device itself, so the
-    values are bit-identical to the reference's. Callers must not modify the returned tensor."""
-    key = (num_pos_feats, float(temperature), str(device))
+def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.device, rule: str = "detr") -> Tensor:
+    """sine_frequencies in float32, computed once per (F, temperature, device, rule) for the fast
+    paths (the reference itself recomputes them, as upstream does). Computed on the device itself,
+    so the values are bit-identical to the reference's. Callers must not modify the returned tensor."""
+    key = (num_pos_feats, float(temperature), str(device), rule)
     dim_t = _FREQUENCIES.get(key)
     if dim_t is None:
-        dim_t = sine_frequencies(num_pos_feats, temperature, device).contiguous()
+        dim_t = sine_frequencies(num_pos_feats, temperature, device, rule).contiguous()
         _FREQUENCIES[key] = dim_t
     return dim_t
 
 
-def sine_embedding_reference(mask: Tensor, params: SineParams) -> Tensor:
+def sine_embedding_reference(mask: Tensor, params: SineParams, dtype: torch.dtype = torch.float32) -> Tensor:
     """Sine position embedding of a B x H x W padding mask (True = padding).
 
-    Returns a B x 2F x H x W float32 tensor that is a permuted view of a contiguous B x H x W x 2F
+    Returns a B x 2F x H x W tensor (float32; ``dtype`` float64 computes it all in float64) that is a
+    permuted view of a contiguous B x H x W x 2F
     buffer, like the reference. Channels [0, F) encode the row (y), [F, 2F) the column (x);
     within each half, even channels are sin and odd ones cos of the same frequency.
     ``params.offset`` is added to the cumulative position (-0.5 in Deformable-DETR); normalization
     divides by the image's un-offset extent, as Deformable-DETR does.
     """
     return sine_embedding_formula(mask, params.num_pos_feats, params.temperature, params.normalize,
-                                  params.scale, params.offset, params.eps)
+                                  params.scale, params.offset, params.eps, params.frequencies, dtype)
 
 
 def sine_embedding_formula(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
-                           scale: float, offset: float, eps: float) -> Tensor:
-    """sine_embedding_reference with the parameters spelled out: TorchScript cannot take a
-    SineParams, so the scripted PositionEmbeddingSine calls this with its attributes."""
+                           scale: float, offset: float, eps: float, frequencies: str = "detr",
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """sine_embedding_reference with the parameters spelled out (TorchScript cannot take a
+    SineParams, so the scripted PositionEmbeddingSine calls this with its attributes), computed
+    in ``dtype`` (float32 as the reference; float64 for float64 models)."""
     not_mask = ~mask
-    y_embed = not_mask.cumsum(1, dtype=torch.float32)
-    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    y_embed = not_mask.cumsum(1, dtype=dtype)
+    x_embed = not_mask.cumsum(2, dtype=dtype)
     y_embed = normalize_positions(y_embed, y_embed[:, -1:, :], normalize, scale, offset, eps)
     x_embed = normalize_positions(x_embed, x_embed[:, :, -1:], normalize, scale, offset, eps)
-    dim_t = sine_frequencies(num_pos_feats, temperature, mask.device)
+    dim_t = sine_frequencies(num_pos_feats, temperature, mask.device, frequencies, dtype)
     pos_y = sine_of_positions(y_embed, dim_t)
     pos_x = sine_of_positions(x_embed, dim_t)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+FREQUENCY_RULES = ("detr", "dab")
+
 
 @dataclass(frozen=True)
 class SineParams:
@@ -17,6 +19,10 @@ class SineParams:
     scale: float = 2 * math.pi
     offset: float = 0.0
     eps: float = 1e-6
+    # How the frequencies temperature ** (2 * (i // 2) / F) are rounded in float32: "detr" divides
+    # by F last (DETR, Deformable-DETR, transformers' DETR family); "dab" multiplies by the float
+    # 2 / F (transformers' DAB-DETR). The same values up to the last bit (equal when F is a power of 2).
+    frequencies: str = "detr"
 
     def __post_init__(self) -> None:
         f = self.num_pos_feats
@@ -26,6 +32,8 @@ class SineParams:
             raise ValueError(f"temperature must be positive, got {self.temperature!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if self.frequencies not in FREQUENCY_RULES:
+            raise ValueError(f"frequencies must be one of {FREQUENCY_RULES}, got {self.frequencies!r}")
         if not math.isfinite(self.scale) or not math.isfinite(self.offset):
             raise ValueError(f"scale and offset must be finite, got scale={self.scale!r}, offset={self.offset!r}")
 

@@ -103,7 +103,7 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, params: Sin
     total = torch.where(steps > 0, extents, 0.0) if params.normalize else cum
     positions = normalize_positions(cum, total, params.normalize, params.scale, params.offset, params.eps)
     values = torch.empty((2 * batch, length + 1, f), dtype=torch.float32, device=device)
-    sine_of_positions(positions, cached_frequencies(f, params.temperature, device), out=values)
+    sine_of_positions(positions, cached_frequencies(f, params.temperature, device, params.frequencies), out=values)
     y_valid, y_pad = values[:batch, :height], values[:batch, length]  # B x H x F, B x F
     x_valid, x_pad = values[batch:, :width], values[batch:, length]  # B x W x F, B x F
     # Each half is first written with its valid values everywhere (one broadcast copy), then the

@@ -1,0 +1,132 @@
+"""convert() for models built by the original code: facebookresearch/detr and Deformable-DETR.
+
+A stage is recognised by its structure, not by where its classes come from:
+- a backbone: a module with a ``.body`` that is torchvision's IntermediateLayerGetter (both DETR
+  and Deformable-DETR use it), inside a Joiner or on its own;
+- a Joiner: an nn.Sequential of exactly two modules, [0] such a backbone and [1] a position
+  embedding (a sine one: ``num_pos_feats``, ``temperature``, ``normalize``, ``scale``; or a learned one).
+
+Converting a backbone: other frozen BN classes become detr_fast's over the same buffers, the body
+is folded, and the backbone's class becomes detr_fast's (Deformable-DETR conventions when it has
+``strides`` or a list ``num_channels``, else DETR's; its attributes and parameters are kept).
+Converting a Joiner also swaps an upstream sine embedding for PositionEmbeddingSine with the same
+parameters — DETR's and Deformable-DETR's classes look alike, but Deformable-DETR subtracts 0.5
+from the cumulative position, so the offset is found by running the upstream module on a probe
+mask — and the Joiner's class for detr_fast's.
+"""
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from . import backbone as deformable_conventions
+from . import detr as detr_conventions
+from .backbone import MaskedBackboneBase
+from .conversion import ConversionReport, StageKind, Undo, fold_body, join_path, probe_images, replace_frozen_bns
+from .joiner import JoinerBase
+from .nested_tensor import NestedTensor
+from .position_encoding import PositionEmbeddingSine
+
+_OFFSET_CANDIDATES = (0.0, -0.5)  # DETR, Deformable-DETR
+
+
+def is_backbone(module: Any) -> bool:
+    return isinstance(module, nn.Module) and isinstance(getattr(module, "body", None), IntermediateLayerGetter)
+
+
+def _is_sine(module: Any) -> bool:
+    return isinstance(module, nn.Module) and all(
+        hasattr(module, a) for a in ("num_pos_feats", "temperature", "normalize", "scale"))
+
+
+def _is_position_embedding(module: Any) -> bool:
+    return _is_sine(module) or (hasattr(module, "row_embed") and hasattr(module, "col_embed"))
+
+
+def is_joiner(module: Any) -> bool:
+    return (isinstance(module, nn.Sequential) and len(module) == 2 and is_backbone(module[0])
+            and _is_position_embedding(module[1]))
+
+
+def _probe_args(stage: nn.Module) -> Tuple[NestedTensor]:
+    images, mask = probe_images(stage)
+    # With the image sizes, as nested_tensor_from_tensor_list makes them, so that the probe runs
+    # the converted stage's common path (rectangular masks) rather than the arbitrary-mask one.
+    return (NestedTensor(images, mask, torch.tensor([[96, 128], [70, 90]])),)
+
+
+def _backbone_class(backbone: nn.Module) -> type:
+    if isinstance(backbone, MaskedBackboneBase):
+        return type(backbone)
+    if hasattr(backbone, "strides") or isinstance(getattr(backbone, "num_channels", None), list):
+        return deformable_conventions.BackboneBase
+    return detr_conventions.BackboneBase
+
+
+def convert_backbone(backbone: nn.Module, path: str, undo: Undo, report: ConversionReport) -> None:
+    body_path = join_path(path, "body")
+    replace_frozen_bns(backbone.body, body_path, undo, report)
+    fold_body(backbone.body, body_path, undo, report)
+    cls = _backbone_class(backbone)
+    if type(backbone) is not cls:
+        report.swapped.append(f"{join_path(path)}: {type(backbone).__name__} -> {cls.__module__}.{cls.__qualname__}")
+        undo.class_swap(backbone, cls)
+
+
+def _find_offset(pos: nn.Module) -> Optional[PositionEmbeddingSine]:
+    """detr_fast's PositionEmbeddingSine reproducing ``pos`` on a probe mask, else None."""
+    mask = torch.zeros(2, 6, 9, dtype=torch.bool)
+    mask[0, 4:, :] = True
+    mask[1, :, 5:] = True
+    probe = NestedTensor(torch.zeros(2, 1, 6, 9), mask)
+    try:
+        with torch.no_grad():
+            want = pos(probe)
+        scale = float(pos.scale) if pos.scale is not None else None
+        for offset in _OFFSET_CANDIDATES:
+            candidate = PositionEmbeddingSine(int(pos.num_pos_feats), float(pos.temperature), bool(pos.normalize),
+                                              scale if pos.normalize else None, offset=offset, backend="auto")
+            got = candidate.reference(mask)
+            if got.shape == want.shape and torch.allclose(got, want.float(), rtol=1e-5, atol=1e-5):
+                return candidate
+    except Exception:  # an unusual embedding: not convertible, reported by the caller
+        return None
+    return None
+
+
+def _convert_embedding(joiner: nn.Sequential, path: str, undo: Undo, report: ConversionReport) -> None:
+    pos, where = joiner[1], join_path(path) + "[1]"
+    if isinstance(pos, PositionEmbeddingSine):
+        return
+    if not _is_sine(pos):
+        report.skipped.append((where, f"{type(pos).__name__} is not a sine embedding; kept as it is"))
+        return
+    new = _find_offset(pos)
+    if new is None:
+        report.skipped.append((where, f"{type(pos).__name__} matches neither DETR's nor Deformable-DETR's "
+                                      "sine embedding on a probe mask; kept"))
+        return
+    new.train(pos.training)
+    undo.child_swap(joiner, "1", new)
+    report.swapped.append(f"{where}: {type(pos).__name__} -> detr_fast.PositionEmbeddingSine (offset={new.offset})")
+
+
+def convert_joiner(joiner: nn.Sequential, path: str, undo: Undo, report: ConversionReport) -> None:
+    convert_backbone(joiner[0], f"{path}[0]" if path else "[0]", undo, report)
+    _convert_embedding(joiner, path, undo, report)
+    deformable = isinstance(joiner[0], deformable_conventions.BackboneBase)
+    cls = deformable_conventions.Joiner if deformable else detr_conventions.Joiner
+    if not isinstance(joiner, JoinerBase):
+        if deformable:
+            for attr in ("strides", "num_channels"):
+                if attr not in joiner.__dict__:
+                    undo.set_attr(joiner, attr, getattr(joiner[0], attr))
+        undo.class_swap(joiner, cls)
+        report.swapped.append(f"{join_path(path)}: Joiner -> {cls.__module__}.{cls.__qualname__}")
+
+
+KINDS = (
+    StageKind("DETR / Deformable-DETR Joiner", is_joiner, _probe_args, convert_joiner),
+    StageKind("DETR / Deformable-DETR backbone", is_backbone, _probe_args, convert_backbone),
+)

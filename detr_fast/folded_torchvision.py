@@ -1,0 +1,134 @@
+"""torchvision's ResNet pieces with their frozen BN folded: static classes, so that they stay
+TorchScript-able (DETR scripts its models) and picklable by name.
+
+FoldedBottleneck / FoldedBasicBlock run each conv + FrozenBatchNorm2d as one convolution, the last
+one adding the residual and applying the ReLU in its epilogue; FoldedIntermediateLayerGetter and
+FoldedResNet fold the stem (conv1/bn1/relu) and run the body in channels_last when asked, returning
+features in the memory format and dtype the reference returns.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .fused_conv import conv_bn, foldable, memory_format_of
+
+STEM_ATTR = "_detr_fast_stem"
+CHANNELS_LAST_ATTR = "_detr_fast_channels_last"
+
+
+def _downsample(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and foldable(downsample[0], downsample[1]):
+        return conv_bn(x, downsample[0], downsample[1])
+    return downsample(x)
+
+
+class FoldedBottleneck(Bottleneck):
+    """torchvision's Bottleneck with each conv + frozen BN folded; the last conv's epilogue adds the
+    residual and applies the ReLU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = _downsample(self.downsample, x)
+        out = conv_bn(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn(out, self.conv2, self.bn2, relu=True)
+        return conv_bn(out, self.conv3, self.bn3, relu=True, residual=identity)
+
+
+class FoldedBasicBlock(BasicBlock):
+    """torchvision's BasicBlock (resnet18/34) with each conv + frozen BN folded."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = _downsample(self.downsample, x)
+        out = conv_bn(x, self.conv1, self.bn1, relu=True)
+        return conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity)
+
+
+def stem_plan(children: "OrderedDict[str, nn.Module]", returned: List[str]) -> Optional[Tuple[str, str, str]]:
+    """(conv, bn, relu) names of a foldable stem at the top of ``children``, else None."""
+    names = list(children.keys())
+    if names[:3] != ["conv1", "bn1", "relu"] or any(n in returned for n in ("conv1", "bn1")):
+        return None
+    if not foldable(children["conv1"], children["bn1"]) or type(children["relu"]) is not nn.ReLU:
+        return None
+    return ("conv1", "bn1", "relu")
+
+
+def enter_layout(module: nn.Module, x: Tensor) -> Tensor:
+    if module.__dict__.get(CHANNELS_LAST_ATTR, False) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def restore_layout(y: Tensor, like: torch.memory_format, bn_dtype: Optional[torch.dtype]) -> Tensor:
+    """A returned feature map in the memory format the body's input had, and in the dtype the
+    reference returns."""
+    # Memory format in = memory format out: a caller who passes NCHW-contiguous images gets
+    # NCHW-contiguous features, like the reference (code downstream may .view() them).
+    y = y.contiguous(memory_format=like)
+    # The reference's last op per layer is its frozen BN, whose buffers promote the conv's output:
+    # under autocast its features are float32, not bf16/fp16. Return the same dtype, so that the
+    # features and the pos (cast to the features' dtype by the Joiner) match the reference's.
+    if bn_dtype is not None:
+        y = y.to(torch.promote_types(y.dtype, bn_dtype))
+    return y
+
+
+def bn_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the body's frozen BN buffers (the first buffer), or None without buffers."""
+    for buf in module.buffers():
+        return buf.dtype if buf.is_floating_point() else None
+    return None
+
+
+class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
+    """IntermediateLayerGetter whose stem conv1/bn1/relu runs as one folded convolution."""
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        like = memory_format_of(x)
+        body_dtype = bn_dtype(self)
+        x = enter_layout(self, x)
+        stem = self.__dict__.get(STEM_ATTR)
+        out: Dict[str, Tensor] = OrderedDict()
+        for name, module in self.items():
+            if stem is not None and name in stem[1:]:
+                continue  # consumed by the folded stem convolution
+            if stem is not None and name == stem[0]:
+                x = conv_bn(x, self[stem[0]], self[stem[1]], relu=True)
+            else:
+                x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = restore_layout(x, like, body_dtype)
+        return out
+
+
+class FoldedResNet(ResNet):
+    """torchvision's ResNet whose stem conv1/bn1/relu runs as one folded convolution."""
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = enter_layout(self, x)
+        if self.__dict__.get(STEM_ATTR) is not None:
+            x = conv_bn(x, self.conv1, self.bn1, relu=True)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+BLOCKS = {Bottleneck: FoldedBottleneck, BasicBlock: FoldedBasicBlock}
+BLOCK_PAIRS = {Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+                BasicBlock: (("conv1", "bn1"), ("conv2", "bn2"))}
+
+
+def block_foldable(block: nn.Module, base: type) -> bool:
+    if type(block.relu) is not nn.ReLU:
+        return False
+    if not all(foldable(getattr(block, c), getattr(block, b)) for c, b in BLOCK_PAIRS[base]):
+        return False
+    ds = block.downsample
+    return ds is None or (isinstance(ds, nn.Sequential) and len(ds) == 2 and foldable(ds[0], ds[1]))
