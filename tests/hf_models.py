@@ -82,3 +82,64 @@ def outputs(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tens
     """The model's predictions: logits, boxes and (segmentation) masks."""
     out = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
     return {k: getattr(out, k) for k in ("logits", "pred_boxes", "pred_masks") if getattr(out, k, None) is not None}
+
+
+# ---------------------------------------------------------------- the real-time DETRs
+
+_REALTIME_HEAD = dict(encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_attention_heads=4, encoder_layers=1,
+                      d_model=64, decoder_ffn_dim=128, decoder_attention_heads=4, decoder_layers=2, num_queries=20,
+                      num_denoising=0, num_labels=5)
+
+
+def _hgnetv2_b0():
+    """D-FINE's smallest backbone (HGNetV2-B0, as D-FINE-N/S use it), levels 2-4."""
+    return transformers.HGNetV2Config(
+        hidden_sizes=[128, 256, 512, 1024], embedding_size=32, stem_channels=[3, 16, 16],
+        stage_in_channels=[16, 64, 256, 512], stage_mid_channels=[16, 32, 64, 128],
+        stage_out_channels=[64, 256, 512, 1024], stage_num_blocks=[1, 1, 2, 1],
+        stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+        stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[3, 3, 3, 3], use_learnable_affine_block=True,
+        out_indices=[2, 3, 4])
+
+
+def realtime_config(name: str, **overrides):
+    t = transformers
+    kwargs = dict(_REALTIME_HEAD, decoder_in_channels=[64, 64, 64])
+    if name == "rtdetr-r50":
+        kwargs.update(backbone_config=t.RTDetrResNetConfig(out_indices=[2, 3, 4]),
+                      encoder_in_channels=[512, 1024, 2048])
+    elif name == "rtdetr-r18":
+        kwargs.update(backbone_config=t.RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
+                                                           hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4]),
+                      encoder_in_channels=[128, 256, 512], hidden_expansion=0.5)
+    elif name == "dfine":
+        kwargs.update(backbone_config=_hgnetv2_b0(), encoder_in_channels=[256, 512, 1024], feat_strides=[8, 16, 32],
+                      num_feature_levels=3, decoder_n_points=[4, 4, 4], encode_proj_layers=[2], depth_mult=0.34,
+                      hidden_expansion=0.5)
+    elif name != "rtdetr-v2":
+        raise ValueError(f"unknown real-time DETR {name!r}")
+    kwargs.update(overrides)
+    config_class = {"rtdetr-v2": t.RTDetrV2Config, "dfine": t.DFineConfig}.get(name, t.RTDetrConfig)
+    return config_class(**kwargs)
+
+
+REALTIME = {"rtdetr-r50": ("RTDetrForObjectDetection", 55), "rtdetr-r18": ("RTDetrForObjectDetection", 23),
+            "rtdetr-v2": ("RTDetrV2ForObjectDetection", 55), "dfine": ("DFineForObjectDetection", 42)}
+
+
+def build_realtime(name: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny real-time DETR (full-size backbone) with random frozen-BN statistics and HGNetV2
+    learnable affines. The encoder's score head is biased far down so that the top-k query
+    selection never picks among exactly tied scores (anchors outside the image all score the
+    bias alone): without that, a 1e-7 change anywhere reorders the queries."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, REALTIME[name][0])(realtime_config(name, **overrides)).eval()
+    randomize_frozen_bn(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".lab." in pname:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if pname.endswith("scale")
+                        else torch.randn(p.shape, generator=gen) * 0.1)
+        model.model.enc_score_head.bias.fill_(-100.0)
+    return model

@@ -1,0 +1,116 @@
+"""convert() on transformers' real-time DETRs (RT-DETR, RT-DETRv2: ResNet-vd; D-FINE: HGNetV2),
+with transformers itself as the oracle: tiny heads, full-size backbones, random frozen-BN
+statistics, float32."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import detr_fast
+from tests.hf_models import REALTIME, build_realtime, transformers
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+
+
+def _predictions(model, pixel_values):
+    out = model(pixel_values=pixel_values)
+    return {"logits": out.logits, "pred_boxes": out.pred_boxes}
+
+
+@pytest.mark.parametrize("name", list(REALTIME))
+def test_converted_model_matches_transformers(name):
+    model = build_realtime(name)
+    pixel_values = _images()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: (p, p.requires_grad) for k, p in model.named_parameters()}
+    with torch.no_grad():
+        expected = _predictions(model, pixel_values)
+        expected_features = [f for f, _ in model.model.backbone(pixel_values, torch.ones(2, 128, 128))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detr_fast.convert(model)
+    assert detr_fast.conversion_report(model).folded == REALTIME[name][1]
+    calls = []
+    for m in model.model.backbone.modules():
+        if "batchnorm" in type(m).__name__.lower():
+            m.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        got = _predictions(model, pixel_values)
+        features = [f for f, _ in model.model.backbone(pixel_values, torch.ones(2, 128, 128))]
+    assert not calls, "a frozen BN of the backbone still runs after conversion"
+    for f, ef in zip(features, expected_features):
+        assert f.stride() == ef.stride() and _rel_err(f, ef) <= 1e-5
+    for key in expected:
+        assert _rel_err(got[key], expected[key]) <= 1e-4, key
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert {k: (p, p.requires_grad) for k, p in model.named_parameters()} == params
+    detr_fast.convert(model)
+    assert not detr_fast.conversion_report(model)  # a second convert changes nothing
+
+
+def test_non_relu_activations_fold_the_bn_and_keep_the_activation():
+    model = build_realtime("rtdetr-r18", backbone_config=transformers.RTDetrResNetConfig(
+        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4],
+        hidden_act="silu"))
+    pixel_values = _images(seed=1)
+    with torch.no_grad():
+        expected = _predictions(model, pixel_values)
+    detr_fast.convert(model)
+    assert detr_fast.conversion_report(model).folded == 23
+    with torch.no_grad():
+        got = _predictions(model, pixel_values)
+    assert all(_rel_err(got[k], expected[k]) <= 1e-4 for k in expected)
+
+
+def test_trainable_batch_norm_is_left_exactly_as_it_was():
+    model = build_realtime("rtdetr-r18", freeze_backbone_batch_norms=False)
+    classes = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="trainable nn.BatchNorm2d"):
+        detr_fast.convert(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert detr_fast.conversion_report(model).folded == 0
+
+
+def test_save_pretrained_loads_in_plain_transformers(tmp_path):
+    model = build_realtime("dfine")
+    detr_fast.convert(model)
+    model.save_pretrained(tmp_path)
+    plain = transformers.DFineForObjectDetection.from_pretrained(tmp_path).eval()
+    assert not any(type(m).__module__.startswith("detr_fast") for m in plain.modules())
+    pixel_values = _images(seed=2)
+    with torch.no_grad():
+        got, want = _predictions(plain, pixel_values), _predictions(model, pixel_values)
+    assert all(_rel_err(got[k], want[k]) <= 1e-4 for k in want)
+
+
+def test_training_gradients_as_accurate_as_transformers():
+    model = build_realtime("rtdetr-r18")
+    exact = copy.deepcopy(model).double()
+    converted = copy.deepcopy(model)
+    detr_fast.convert(converted)
+    pixel_values = _images(seed=3)
+
+    def grads(m, dtype):
+        m.train()
+        m.zero_grad()
+        out = _predictions(m, pixel_values.to(dtype))
+        (out["logits"].sum() + out["pred_boxes"].sum()).backward()
+        return {k: p.grad.double() for k, p in m.named_parameters() if ".backbone." in k and p.grad is not None}
+
+    want, theirs, ours = grads(exact, torch.float64), grads(model, torch.float32), grads(converted, torch.float32)
+    assert ours.keys() == want.keys() == theirs.keys() and len(ours) == 23
+    for k in want:
+        scale = want[k].abs().max().clamp_min(1e-30)
+        err_ours = float((ours[k] - want[k]).abs().max() / scale)
+        err_theirs = float((theirs[k] - want[k]).abs().max() / scale)
+        assert err_ours <= max(4 * err_theirs, 1e-5), (k, err_ours, err_theirs)
