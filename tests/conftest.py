@@ -1,31 +1,60 @@
-"""Test configuration shared by the whole suite.
+"""pytest hooks and fixtures for the whole suite; what the test files share is in tests/helpers.py.
 
 Without a GPU the Triton kernels run under Triton's interpreter. The variable must be set before
 Triton decorates any kernel, i.e. before detr_fast.kernels is first imported, which is why it is
-set here, at collection time, and not inside a test.
+set here, when pytest loads this file (before it imports any test module), and not inside a test.
+tests.helpers is imported only after it, since it reads the variable on import.
 """
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
+import pytest  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+from tests import helpers  # noqa: E402
+
+# Re-exported for test files that still import these from here; new code imports tests.helpers.
+from tests.helpers import HAS_CUDA, INTERPRETED, kernel_devices, requires_cuda  # noqa: E402, F401
 
 
-def kernel_devices():
-    """Devices on which the Triton kernels can run here: CPU when interpreted, CUDA when present."""
-    devices = []
-    if INTERPRETED:
-        devices.append("cpu")
-    if HAS_CUDA:
-        devices.append("cuda")
-    return devices
+def pytest_configure(config):
+    try:
+        helpers.session_seed()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def pytest_report_header(config):
+    seed = helpers.session_seed()
+    note = "" if os.environ.get(helpers.SEED_ENV, "").strip() else " (the default)"
+    return f"{helpers.SEED_ENV}={seed}{note}: set it to rerun with these random inputs (or to 'random')"
+
+
+@pytest.fixture
+def random_seed(request) -> helpers.Seed:
+    """This test's seed: fixed per test node id and session seed (DETR_FAST_TEST_SEED)."""
+    return helpers.Seed.for_test(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch_rng(random_seed):
+    """The global torch RNG too starts every test from the test's own seed: unseeded draws
+    (torch.randn without a generator) are as reproducible as the seeded ones."""
+    torch.manual_seed(random_seed.value)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failing random test names its seed even where an assertion carries no context.
+    report = yield
+    seed = getattr(item, "funcargs", {}).get("random_seed")
+    if report.failed and isinstance(seed, helpers.Seed):
+        report.sections.append(("random seed", f"{seed}; reproduce with "
+                                               f"{helpers.SEED_ENV}={seed.session} pytest '{item.nodeid}'"))
+    return report
 
 
 @pytest.fixture(autouse=True)

@@ -201,7 +201,11 @@ def test_detr_dilation_matches_upstream():
     (f,) = ours(nested_tensor_from_tensor_list(images)).values()
     (uf,) = up(upstream_pad(images)).values()
     assert f.tensors.shape == (2, 2048, H // 16, W // 16)
-    torch.testing.assert_close(f.tensors, uf.tensors, rtol=1e-4, atol=1e-4)
+    # Relative to the largest value, as in test_convert and test_folding: ResNet-50's random
+    # weights (from the test's seed) give outputs in the hundreds, whose float32 rounding
+    # differences (~1e-6 of that) can exceed an absolute 1e-4 next to a small element.
+    err = (f.tensors.double() - uf.tensors.double()).abs().max() / uf.tensors.double().abs().max()
+    assert err <= 1e-4, err
     assert torch.equal(f.mask, uf.mask)
 
 

@@ -39,6 +39,12 @@ def _assert_same_state(model, state):
     assert all(torch.equal(got[k], state[k]) for k in state)
 
 
+def _convert(model: nn.Module) -> ConversionReport:
+    """convert() gives the model back; its report is conversion_report(model)."""
+    assert convert(model) is model
+    return detr_fast.conversion_report(model)
+
+
 @pytest.mark.parametrize("layers,deformable,name", [
     (DETR_DETECTION_LAYERS, False, "resnet50"),
     (DEFORMABLE_LAYERS, True, "resnet50"),
@@ -49,7 +55,7 @@ def test_converted_joiner_reproduces_upstream(layers, deformable, name):
     ref = copy.deepcopy(joiner)
     state = copy.deepcopy(joiner.state_dict())
     params = list(joiner.parameters())
-    report = convert(joiner)
+    report = _convert(joiner)
     assert isinstance(report, ConversionReport) and report
     assert report.folded == count_folded(joiner) == (53 if name == "resnet50" else 20)
     assert isinstance(joiner, detr_fast.detr.Joiner)
@@ -74,7 +80,7 @@ def test_converted_detr_model_predictions_match():
     model = UpstreamMiniDETR(upstream_joiner("resnet50", DETR_DETECTION_LAYERS, deformable=False, seed=5)).eval()
     ref = copy.deepcopy(model)
     state = copy.deepcopy(model.state_dict())
-    report = convert(model)
+    report = _convert(model)
     assert any("backbone" in line for line in report.swapped)
     _assert_same_state(model, state)
     batch = _batch(6)
@@ -88,7 +94,7 @@ def test_bare_backbone_is_converted_in_place():
     joiner = upstream_joiner("resnet18", DEFORMABLE_LAYERS, seed=7)
     backbone = joiner[0]
     ref = copy.deepcopy(backbone)
-    report = convert(backbone)
+    report = _convert(backbone)
     assert isinstance(backbone, detr_fast.backbone.MaskedBackboneBase) and report.folded == 20
     batch = _batch(8)
     with torch.no_grad():
@@ -103,15 +109,20 @@ def test_detr_fast_modules_are_only_folded():
                               PositionEmbeddingSine(64, normalize=True, offset=-0.5))
     randomize_frozen_bn_(joiner, torch.Generator().manual_seed(9))
     pos = joiner[1]
-    ref = copy.deepcopy(joiner)
-    report = convert(joiner)
+    # The oracle: the upstream stand-in with the same weights (hidden_dim 128: 64 sine features).
+    ref = upstream_joiner("resnet18", DEFORMABLE_LAYERS, hidden_dim=128, deformable=True)
+    ref.load_state_dict(joiner.state_dict(), strict=True)
+    report = _convert(joiner)
     assert joiner[1] is pos and type(joiner) is detr_fast.Joiner and report.folded == 20
     assert joiner.strides == [8, 16, 32] and joiner.num_channels == [128, 256, 512]
-    nt = detr_fast.nested_tensor_from_tensor_list([torch.randn(3, 50, 70), torch.randn(3, 61, 40)])
+    images = [torch.randn(3, 50, 70), torch.randn(3, 61, 40)]
     with torch.no_grad():
-        (wo, wp), (go, gp) = ref(nt), joiner(nt)
-    for g, w in zip(go + gp, wo + wp):
-        _close(g if isinstance(g, torch.Tensor) else g.tensors, w if isinstance(w, torch.Tensor) else w.tensors)
+        (wo, wp), (go, gp) = ref(upstream_pad(images)), joiner(detr_fast.nested_tensor_from_tensor_list(images))
+    assert len(go) == len(wo) == 3 and len(gp) == len(wp) == 3
+    for g, w, g_pos, w_pos in zip(go, wo, gp, wp):
+        _close(g.tensors, w.tensors)
+        assert torch.equal(g.mask, w.mask)
+        _close(g_pos, w_pos, 1e-5)
 
 
 def test_deformable_conventions_are_kept():
@@ -138,7 +149,7 @@ def test_unknown_position_embedding_is_kept_with_a_warning():
     joiner = upstream_joiner("resnet18", DEFORMABLE_LAYERS, seed=11)
     joiner[1] = _OddSine()
     with pytest.warns(UserWarning, match="matches neither"):
-        report = convert(joiner)
+        report = _convert(joiner)
     assert isinstance(joiner[1], _OddSine) and report.folded == 20
     assert any("matches neither" in why for _, why in report.skipped)
 
@@ -155,8 +166,8 @@ def test_a_stage_whose_outputs_change_is_restored():
     backbone.__class__ = _Doubling
     bn_class = type(backbone.body.bn1)
     state = copy.deepcopy(backbone.state_dict())
-    with pytest.warns(UserWarning, match="left .* as it was"):
-        report = convert(backbone)
+    with pytest.warns(UserWarning, match="conversion undone, left as it was"):
+        report = _convert(backbone)
     assert type(backbone) is _Doubling and type(backbone.body.bn1) is bn_class
     assert type(backbone.body) is IntermediateLayerGetter
     assert not report and report.folded == 0 and count_folded(backbone) == 0
@@ -165,7 +176,7 @@ def test_a_stage_whose_outputs_change_is_restored():
 
 def test_nothing_to_convert_warns():
     with pytest.warns(UserWarning, match="no backbone stage"):
-        report = convert(nn.Linear(2, 2))
+        report = _convert(nn.Linear(2, 2))
     assert not report
 
 

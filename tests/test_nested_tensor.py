@@ -4,7 +4,7 @@ import torch
 
 from detr_fast import NestedTensor, nested_tensor_from_tensor_list
 from detr_fast.reference import pad_images_reference
-from tests.conftest import HAS_CUDA, requires_cuda
+from tests.helpers import HAS_CUDA, requires_cuda
 from tests.upstream_reference import upstream_pad
 
 

@@ -21,6 +21,7 @@ from detr_fast import (
 )
 from detr_fast.reference import downsample_mask_reference, sine_embedding_reference, sine_frequencies
 from detr_fast.sine_params import SineParams
+from tests.helpers import rect_mask
 from tests.upstream_reference import UpstreamNestedTensor, UpstreamPositionEmbeddingSine
 
 TWO_PI = 2 * math.pi
@@ -159,11 +160,9 @@ def test_sine_module_equals_upstream_on_random_masks(seed, deformable, normalize
     if seed % 2 == 0:
         mask = torch.rand(b, h, w, generator=g) > 0.6   # arbitrary masks, not only rectangles
     else:
-        mask = torch.ones(b, h, w, dtype=torch.bool)
-        for i in range(b):
-            valid_h = int(torch.randint(1, h + 1, (1,), generator=g))
-            valid_w = int(torch.randint(1, w + 1, (1,), generator=g))
-            mask[i, :valid_h, :valid_w] = False
+        sizes = [(int(torch.randint(1, h + 1, (1,), generator=g)), int(torch.randint(1, w + 1, (1,), generator=g)))
+                 for _ in range(b)]
+        mask = rect_mask(sizes, h, w)
     up = UpstreamPositionEmbeddingSine(f, normalize=normalize, deformable=deformable)
     ours = PositionEmbeddingSine(f, normalize=normalize, offset=-0.5 if deformable else 0.0, backend=backend)
     expected = up(UpstreamNestedTensor(torch.zeros(b, 3, h, w), mask))

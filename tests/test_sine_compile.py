@@ -9,7 +9,7 @@ from detr_fast.backbone import MaskedBackboneBase
 from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor
 from detr_fast.reference import downsample_mask_reference
-from tests.conftest import kernel_devices
+from tests.helpers import kernel_devices
 
 DEVICES = kernel_devices()
 needs_kernels = pytest.mark.skipif(not DEVICES, reason="no device can run the Triton kernels here")
@@ -153,5 +153,6 @@ def test_custom_op_opcheck():
     for sizes in (nt.image_sizes, None):
         for height, width, need_mask in ((5, 7, True), (full_h, full_w, True), (full_h, full_w, False)):
             opcheck(torch.ops.detr_fast.sine_masks_pos.default,
-                    (nt.mask, sizes, height, width, 4, 10000.0, True, 6.28, -0.5, 1e-6, torch.float32, need_mask),
+                    (nt.mask, sizes, height, width, 4, 10000.0, True, 6.28, -0.5, 1e-6, "detr", torch.float32,
+                     need_mask),
                     test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -1,6 +1,6 @@
 """The CPU fallback (backend "auto" on CPU): the separable computation for rectangular masks must
 be exactly equal (torch.equal, same strides) to the reference; other masks take the reference."""
-import random
+import math
 
 import pytest
 import torch
@@ -11,22 +11,11 @@ from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_te
 from detr_fast.reference import downsample_mask_reference, sine_embedding_reference
 from detr_fast.sine_params import SineParams
 from detr_fast.sine_separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
+from tests.helpers import rect_mask
 
 
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2 ** 31)
-
-
-def rect_mask(sizes, height, width):
-    mask = torch.ones((len(sizes), height, width), dtype=torch.bool)
-    for b, (h, w) in enumerate(sizes):
-        mask[b, :h, :w] = False
-    return mask
-
-
-def test_separable_is_bit_identical_to_reference():
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
+def test_separable_is_bit_identical_to_reference(random_seed):
+    gen = random_seed.generator()
     for trial in range(60):
         batch = int(torch.randint(1, 5, (1,), generator=gen))
         h, w = (int(v) for v in torch.randint(1, 50, (2,), generator=gen))
@@ -40,7 +29,7 @@ def test_separable_is_bit_identical_to_reference():
         mask = rect_mask(sizes, h, w)
         ref = sine_embedding_reference(mask, SineParams(*args))
         out = sine_embedding_separable(torch.tensor(sizes), h, w, SineParams(*args))
-        context = f"seed={seed} sizes={sizes} {h}x{w} args={args}"
+        context = f"{random_seed} sizes={sizes} {h}x{w} args={args}"
         assert torch.equal(out, ref), context
         assert out.stride() == ref.stride(), context
 
@@ -76,9 +65,8 @@ def _is_top_left_rectangle(mask_2d: torch.Tensor):
     return None
 
 
-def test_rectangle_detection_matches_brute_force():
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
+def test_rectangle_detection_matches_brute_force(random_seed):
+    gen = random_seed.generator()
     for trial in range(150):
         batch = int(torch.randint(1, 4, (1,), generator=gen))
         h, w = (int(v) for v in torch.randint(1, 7, (2,), generator=gen))
@@ -90,7 +78,7 @@ def test_rectangle_detection_matches_brute_force():
             mask ^= flips
         per_image = [_is_top_left_rectangle(m) for m in mask]
         got = rectangle_sizes(mask)
-        context = f"seed={seed} mask={mask.int().tolist()}"
+        context = f"{random_seed} mask={mask.int().tolist()}"
         if any(r is None for r in per_image):
             assert got is None, context
         else:
@@ -113,21 +101,21 @@ def test_auto_module_on_cpu_uses_separable_path_and_matches(monkeypatch, with_si
     assert torch.equal(out, ref) and out.stride() == ref.stride()
 
 
-def test_explicit_torch_and_arbitrary_masks_take_the_reference(monkeypatch):
+def test_explicit_torch_and_arbitrary_masks_take_the_reference(monkeypatch, random_seed):
     def fail(*a, **k):
         raise AssertionError("separable path must not run")
     monkeypatch.setattr(levels, "sine_embedding_separable", fail)
     nt = nested_tensor_from_tensor_list([torch.zeros(3, 13, 30), torch.zeros(3, 21, 9)])
     ref_module = PositionEmbeddingSine(16, normalize=True, backend="torch")
-    expected = sine_embedding_reference(nt.mask, SineParams(16, 10000.0, True, ref_module.scale, 0.0, 1e-6))
+    expected = sine_embedding_reference(nt.mask, SineParams(16, 10000.0, True, 2 * math.pi, 0.0, 1e-6))
     assert torch.equal(ref_module(nt), expected)
     monkeypatch.setenv("DETR_FAST_BACKEND", "torch")
     PositionEmbeddingSine(16, normalize=True)(nt)  # the env override asks for the reference too
     monkeypatch.delenv("DETR_FAST_BACKEND")
-    holes = torch.rand((2, 9, 9), generator=torch.Generator().manual_seed(fresh_seed())) < 0.4
+    holes = torch.rand((2, 9, 9), generator=random_seed.generator()) < 0.4
     holes[0, 0, 0] = True
     module = PositionEmbeddingSine(16, normalize=True)
-    assert torch.equal(module(NestedTensor(torch.zeros(2, 3, 9, 9), holes)), module.reference(holes))
+    assert torch.equal(module(NestedTensor(torch.zeros(2, 3, 9, 9), holes)), module.reference(holes)), str(random_seed)
 
 
 def test_edited_mask_invalidates_sizes():
@@ -150,10 +138,10 @@ def test_empty_and_bad_input():
         module(NestedTensor(torch.zeros(2, 3, 4, 5), torch.zeros(1, 4, 5, dtype=torch.bool)))
 
 
-def test_level_sizes_follow_pytorch_nearest_rule():
+def test_level_sizes_follow_pytorch_nearest_rule(random_seed):
     """The per-level extents computed from the image sizes give exactly the mask F.interpolate
     gives, for random rectangular masks and output sizes (down- and upsampling)."""
-    rng = random.Random(fresh_seed())
+    rng = random_seed.rng()
     for _ in range(200):
         batch, height, width = rng.randint(1, 4), rng.randint(1, 300), rng.randint(1, 300)
         sizes = torch.tensor([[rng.randint(0, height), rng.randint(0, width)] for _ in range(batch)])
@@ -163,11 +151,11 @@ def test_level_sizes_follow_pytorch_nearest_rule():
         extents = level_sizes(sizes, (height, width), (out_h, out_w))
         want = downsample_mask_reference(mask, [out_h, out_w])
         assert torch.equal(rectangle_mask(extents, out_h, out_w, torch.device("cpu")), want), \
-            (sizes.tolist(), (height, width), (out_h, out_w))
+            f"{random_seed} sizes={sizes.tolist()} in={height}x{width} out={out_h}x{out_w}"
 
 
 @pytest.mark.parametrize("offset", [0.0, -0.5])
-def test_joiner_on_cpu_derives_level_masks_from_sizes(monkeypatch, offset):
+def test_joiner_on_cpu_derives_level_masks_from_sizes(monkeypatch, offset, random_seed):
     """backend "auto" on CPU with a padded batch: the Joiner's masks and pos come from the image
     sizes (the full mask is not downsampled) and equal the reference Joiner's bit for bit."""
     from torchvision.models import resnet18
@@ -175,8 +163,9 @@ def test_joiner_on_cpu_derives_level_masks_from_sizes(monkeypatch, offset):
     from detr_fast import Joiner
     from detr_fast.backbone import BackboneBase
 
-    rng = random.Random(fresh_seed())
-    images = [torch.randn(3, rng.randint(20, 90), rng.randint(20, 90)) for _ in range(rng.randint(1, 3))]
+    rng, gen = random_seed.rng(), random_seed.generator()
+    images = [torch.randn(3, rng.randint(20, 90), rng.randint(20, 90), generator=gen) for _ in range(rng.randint(1, 3))]
+    context = f"{random_seed} image sizes={[tuple(i.shape[1:]) for i in images]}"
     nt = nested_tensor_from_tensor_list(images)
     body = resnet18(weights=None, norm_layer=detr_fast_frozen_bn)
     backbone = BackboneBase(body, False, True, {"layer2": 128, "layer3": 256, "layer4": 512})
@@ -196,7 +185,7 @@ def test_joiner_on_cpu_derives_level_masks_from_sizes(monkeypatch, offset):
         monkeypatch.setattr(F, "interpolate", recording_interpolate)
         got_out, got_pos = fast(nt)
     # Only the B x H x 1 and B x 1 x W edges are resized, never the H x W mask.
-    assert resized and tuple(nt.mask.shape[-2:]) not in resized
+    assert resized and tuple(nt.mask.shape[-2:]) not in resized, context
     for g, w, gp, wp in zip(got_out, want_out, got_pos, want_pos):
-        assert torch.equal(g.mask, w.mask) and torch.equal(g.tensors, w.tensors)
-        assert torch.equal(gp, wp) and gp.stride() == wp.stride()
+        assert torch.equal(g.mask, w.mask) and torch.equal(g.tensors, w.tensors), context
+        assert torch.equal(gp, wp) and gp.stride() == wp.stride(), context
