@@ -10,7 +10,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from .joiner import JoinerBase
 from .levels import announced_for, compute_levels, remember_pos
-from .nested_tensor import NestedTensor, trusted_image_sizes
+from .nested_tensor import NestedTensor, nested_like, trusted_image_sizes
 from .position_encoding import build_position_encoding
 from .reference import downsample_mask_reference
 from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
@@ -56,7 +56,7 @@ class MaskedBackboneBase(nn.Module):
         if announcement is not None and levels.pos is not None:
             remember_pos(announcement, levels.masks, levels.pos)
         sizes = levels.sizes or [None] * len(features)
-        return {name: NestedTensor(x, m, s) for name, x, m, s in zip(xs, features, levels.masks, sizes)}
+        return {name: nested_like(tensor_list, x, m, s) for name, x, m, s in zip(xs, features, levels.masks, sizes)}
 
 
 class BackboneBase(MaskedBackboneBase):

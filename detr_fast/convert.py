@@ -78,7 +78,7 @@ def _convert_stage(model: nn.Module, path: str, stage: nn.Module, kind: StageKin
     if why is not None:
         undo.run()
         del report.swapped[swapped:]
-        report.skipped.append((where, f"conversion undone: on a probe input {why}"))
+        report.skipped.append((where, f"conversion undone, left as it was: on a probe input {why}"))
         return
     report.folded += count_folded(converted) - folded_before
 

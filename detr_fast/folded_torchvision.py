@@ -28,11 +28,24 @@ def _downsample(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     return downsample(x)
 
 
+# Scripting: TorchScript compiles forward's scripting branch only, which runs torchvision's own
+# (unfolded) computation, spelled out again because TorchScript cannot call the base class's
+# forward. A scripted converted model therefore computes exactly what the reference does.
+
 class FoldedBottleneck(Bottleneck):
     """torchvision's Bottleneck with each conv + frozen BN folded; the last conv's epilogue adds the
     residual and applies the ReLU."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            return self.relu(self.bn3(self.conv3(out)) + identity)
+        return self._folded(x)
+
+    @torch.jit.unused
+    def _folded(self, x: Tensor) -> Tensor:
         identity = _downsample(self.downsample, x)
         out = conv_bn(x, self.conv1, self.bn1, relu=True)
         out = conv_bn(out, self.conv2, self.bn2, relu=True)
@@ -43,6 +56,14 @@ class FoldedBasicBlock(BasicBlock):
     """torchvision's BasicBlock (resnet18/34) with each conv + frozen BN folded."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+        return self._folded(x)
+
+    @torch.jit.unused
+    def _folded(self, x: Tensor) -> Tensor:
         identity = _downsample(self.downsample, x)
         out = conv_bn(x, self.conv1, self.bn1, relu=True)
         return conv_bn(out, self.conv2, self.bn2, relu=True, residual=identity)
@@ -89,6 +110,17 @@ class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
     """IntermediateLayerGetter whose stem conv1/bn1/relu runs as one folded convolution."""
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        if torch.jit.is_scripting():
+            out: Dict[str, Tensor] = OrderedDict()
+            for name, module in self.items():
+                x = module(x)
+                if name in self.return_layers:
+                    out[self.return_layers[name]] = x
+            return out
+        return self._folded(x)
+
+    @torch.jit.unused
+    def _folded(self, x: Tensor) -> Dict[str, Tensor]:
         like = memory_format_of(x)
         body_dtype = bn_dtype(self)
         x = enter_layout(self, x)
@@ -110,6 +142,14 @@ class FoldedResNet(ResNet):
     """torchvision's ResNet whose stem conv1/bn1/relu runs as one folded convolution."""
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self._folded(x)
+
+    @torch.jit.unused
+    def _folded(self, x: Tensor) -> Tensor:
         x = enter_layout(self, x)
         if self.__dict__.get(STEM_ATTR) is not None:
             x = conv_bn(x, self.conv1, self.bn1, relu=True)

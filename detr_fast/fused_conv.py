@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import compiling
+from .dispatch import compiling, exporting
 from .frozen_bn import FrozenBatchNorm2d
 
 _CACHE_ATTR = "_detr_fast_fold_cache"
@@ -151,6 +151,14 @@ def _fused_call(x: Tensor, weight: Tensor, bias: Tensor, conv: nn.Conv2d,
     raise RuntimeError(f"no fused convolution epilogue on {x.device.type}")
 
 
+def _reference_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool,
+                       residual: Optional[Tensor]) -> Tensor:
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
 def _unfused(x: Tensor, weight: Tensor, bias: Tensor, conv: nn.Conv2d, relu: bool,
              residual: Optional[Tensor]) -> Tensor:
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -215,14 +223,19 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
     """``relu?(bn(conv(x)) (+ residual))`` as one folded convolution, epilogue fused when possible."""
     dtype = None
     amp = autocast_dtype(x.device.type)
+    if amp is None and x.dtype != conv.weight.dtype:
+        # Behave as the reference: its convolution raises for an input whose dtype is not its
+        # weight's (e.g. float64 images into a float32 model), rather than casting silently.
+        return _reference_conv_bn(x, conv, bn, relu, residual)
     if amp is not None and conv.weight.dtype == torch.float32:
         # Fold straight into the autocast dtype: autocast would otherwise recast the (non-leaf)
         # folded weight at every call.
         dtype = amp
     memory_format = memory_format_of(x)
     weight, bias = folded_weight_and_bias(conv, bn, dtype, memory_format)
-    if relu and not compiling() and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
-                                                  or (residual is not None and residual.requires_grad))):
+    needs_graph = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
+                                               or (residual is not None and residual.requires_grad))
+    if relu and not compiling() and not exporting() and not needs_graph:
         epilogue = "relu" if residual is None else "add_relu"
         # String padding ("same") has no fused kernel: the unfused folded conv handles it.
         if not isinstance(conv.padding, str) and _fused_supported(x.device, weight.dtype, memory_format, epilogue):

@@ -72,6 +72,20 @@ def trusted_image_sizes(tensor_list: Any) -> Optional[Tensor]:
     return tensor_list.rectangular_sizes()
 
 
+def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
+                image_sizes: Optional[Tensor] = None) -> Any:
+    """A padded batch of ``template``'s class: a converted stage given upstream's NestedTensor
+    returns upstream's class (code downstream may check isinstance or call its own methods);
+    detr_fast's class keeps the image sizes."""
+    cls = type(template)
+    if cls is NestedTensor or not (hasattr(template, "tensors") and hasattr(template, "mask")):
+        return NestedTensor(tensors, mask, image_sizes)
+    try:
+        return cls(tensors, mask)
+    except TypeError:  # a class with another constructor: detr_fast's has the same fields
+        return NestedTensor(tensors, mask, image_sizes)
+
+
 def _tensor_version(t: Tensor) -> int:
     # Inference tensors keep no version counter: under torch.inference_mode an in-place edit of
     # the mask after padding cannot be detected (documented in the README).

@@ -51,10 +51,10 @@ class PositionEmbeddingSine(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
-        mask = tensor_list.mask
-        if mask is None:
-            raise ValueError("PositionEmbeddingSine needs tensor_list.mask, got a NestedTensor without a mask")
         if torch.jit.is_scripting():
+            mask = tensor_list.mask
+            if mask is None:
+                raise ValueError("PositionEmbeddingSine needs tensor_list.mask, got a NestedTensor without a mask")
             return self.reference(mask)
         return self._forward_eager(tensor_list)
 
@@ -77,6 +77,8 @@ class PositionEmbeddingSine(nn.Module):
     def _forward_eager(self, tensor_list: NestedTensor) -> Tensor:
         check_nested_tensor(tensor_list)
         mask = tensor_list.mask
+        if mask is None:
+            raise ValueError("PositionEmbeddingSine needs tensor_list.mask, got a NestedTensor without a mask")
         check_mask(mask, "tensor_list.mask")
         tensors = tensor_list.tensors
         if isinstance(tensors, Tensor) and tensors.dim() > 0 and tensors.shape[0] != mask.shape[0]:
