@@ -7,9 +7,10 @@ The same command runs on CPU and CUDA; the defaults follow the device (full DETR
 float32 + bfloat16 on CUDA; a quarter of the size and float32 on a CPU, so that the whole run takes
 minutes on two cores). Each test module sets STAGE; every test is parametrized by the case
 (level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
-shape share a benchmark group, so the comparison table lines reference, detr_fast and compile up.
+shape share a benchmark group, so the comparison table lines reference, detr_fast, compile and
+onnxruntime up. What each row runs is defined once, in detr_fast.stages (shared with
+`python -m detr_fast profile` and tests/test_bench_smoke.py).
 """
-import platform
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -21,7 +22,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[test]'") from err
 
-from bench import stages
+from detr_fast import stages
 from detr_fast.profile import peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
@@ -136,23 +137,6 @@ def case(request, level, dtype, batch, shape) -> stages.Case:
     return result
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _synchronized(fn, device: torch.device):
     if device.type != "cuda":
         return fn
@@ -180,12 +164,11 @@ def run_stage(benchmark, request):
     def run(case: stages.Case, impl: str) -> None:
         benchmark.group = case.group
         benchmark.extra_info.update({
-            "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": device_name(s.device),
+            "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": stages.device_name(s.device),
             "dtype": case.dtype, "batch": case.batch, "shape": case.shape, "level": case.level,
             "scale": case.scale, "image_sizes": [list(hw) for hw in case.image_sizes],
+            "threads": torch.get_num_threads(),
         })
-        if impl == "detr_fast":
-            benchmark.extra_info["detr_fast"] = stages.fast_path_note()
         try:
             runner = stages.build(case, impl, s.device)
         except stages.Unavailable as why:
@@ -214,8 +197,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     commit_info already; keeping it out of machine_info lets --benchmark-compare compare commits
     on one machine without a "machine_info is different" warning.)"""
     s = settings(config)
-    info = {"device": str(s.device), "device_name": device_name(s.device), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup}
+    info = {"device": str(s.device), "device_name": stages.device_name(s.device), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup,
+            "threads": torch.get_num_threads()}
     try:
         import triton
         info["triton"] = triton.__version__

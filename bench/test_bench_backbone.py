@@ -1,4 +1,8 @@
-"""The ResNet-50 body with frozen BatchNorm: layer4 alone (DETR) and layers 2-4 (Deformable-DETR)."""
+"""The ResNet-50 body with frozen BatchNorm: layer4 alone (DETR) and layers 2-4 (Deformable-DETR).
+
+Beside the reference and detr_fast: torch.compile of the reference (with inductor's freezing on CPU)
+and, on CPU, the reference exported to ONNX and run by ONNX Runtime (when onnxruntime is installed).
+"""
 STAGE = "backbone"
 
 

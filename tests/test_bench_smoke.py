@@ -1,12 +1,16 @@
 """Every benchmark's function run once at a tiny size on CPU: right output, no timing.
 
-The suites in bench/ time exactly these runners (bench/stages.py), so a benchmark that breaks, or
-that would time something computing the wrong thing, fails here in CI.
+The suites in bench/ time exactly these runners (detr_fast.stages, also what
+`python -m detr_fast profile` runs), so a benchmark that breaks, or that would time something
+computing the wrong thing, fails here in CI. The plot script's helpers are tested at the end.
 """
+import json
+import sys
+
 import pytest
 import torch
 
-from bench import stages
+from detr_fast import stages
 
 SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
 CPU = torch.device("cpu")
@@ -23,6 +27,11 @@ def _all_cases():
     # An odd batch (the pair repeated and cut) and reduced precision, once per stage kind.
     yield pytest.param(stages.Case("pad", "images", "float32", 3, SCALE), "detr_fast", id="pad-b3")
     yield pytest.param(stages.Case("masks_pos", "s8", "bfloat16", 3, SCALE), "detr_fast", id="masks_pos-bf16")
+    yield pytest.param(stages.Case("pos", "s16", "bfloat16", 2, SCALE), "detr_fast", id="pos-bf16")
+    # A level stage over all levels of a variant (what the profile runs).
+    yield pytest.param(stages.Case("masks_pos", "layers2-4", "float32", 2, SCALE), "detr_fast", id="masks_pos-all")
+    # The ONNX Runtime peer (skipped with the reason where onnxruntime is not installed).
+    yield pytest.param(stages.Case("backbone", "layers2-4", "float32", 2, SCALE), "onnxruntime", id="backbone-ort")
 
 
 @pytest.mark.parametrize("case,impl", list(_all_cases()))
@@ -44,12 +53,14 @@ def test_error_functions_detect_a_wrong_output():
         runner = stages.build(stages.Case("pos", "s16", "float32", 2, SCALE), "reference", CPU)
         pos = runner.fn()
         assert runner.error(pos) == 0
-        assert runner.error(pos + 1e-3) == pytest.approx(1e-3, rel=1e-2)
+        assert runner.error([p + 1e-3 for p in pos]) == pytest.approx(1e-3, rel=1e-2)
+        with pytest.raises(AssertionError, match="dtype"):
+            runner.error([p.double() for p in pos])
 
         runner = stages.build(stages.Case("masks", "s8", "float32", 2, SCALE), "reference", CPU)
-        mask = runner.fn().clone()
+        mask = runner.fn()[0].clone()
         mask[0, -1, -1] = ~mask[0, -1, -1]
-        assert runner.error(mask) == 1
+        assert runner.error([mask]) == 1
 
         runner = stages.build(stages.Case("joiner", "layers2-4", "float32", 2, SCALE), "reference", CPU)
         levels, pos = runner.fn()
@@ -66,14 +77,19 @@ def test_case_shapes_are_the_real_ones():
             case = stages.Case("backbone", variant, "float32", 3, SCALE)
             feats = stages.build(case, "reference", CPU).fn()
             strides = [32] if variant == "layer4" else [8, 16, 32]
+            assert list(case.strides) == strides
             for feature, stride in zip(feats.values(), strides):
                 level = stages.Case("masks", f"s{stride}", "float32", 3, SCALE)
                 assert tuple(feature.shape[-2:]) == level.level_size
+            # A level stage over a variant means all its levels (what the profile runs).
+            assert stages.Case("pos", variant, "float32", 3, SCALE).level_sizes == \
+                [tuple(f.shape[-2:]) for f in feats.values()]
         case = stages.Case("pad", "images", "float32", 3, SCALE)
         nt_shape = "x".join(str(d) for d in stages.build(case, "detr_fast", CPU).fn().tensors.shape)
         assert case.shape == nt_shape == "3x3x40x67"
     assert stages.Case("pos", "s32", "float32", 2, SCALE).shape == f"2x{stages.POS_CHANNELS}x2x3"
     assert stages.Case("masks", "s8", "float32", 8, 1.0).shape == "8x100x167"
+    assert stages.Case("masks", "layers2-4", "float32", 2, 1.0).shape == "2x100x167+50x84+25x42"
 
 
 def test_cases_and_bad_arguments():
@@ -87,26 +103,70 @@ def test_cases_and_bad_arguments():
         stages.Case("pad", "images", "float64", 2, 1.0)
     with pytest.raises(ValueError, match="batch"):
         stages.Case("pad", "images", "float32", 0, 1.0)
+    with pytest.raises(ValueError, match="level"):
+        stages.Case("backbone", "s8", "float32", 2, 1.0)
     with pytest.raises(ValueError, match="impl"):
         stages.build(stages.Case("pad", "images", "float32", 2, SCALE), "fast", CPU)
+
+
+def test_onnxruntime_peer_says_why_it_does_not_run(monkeypatch):
+    # Backbone only, float32 only, CPU only; and an optional extra.
+    assert stages.onnxruntime_unavailable_reason(torch.device("cuda")) is not None
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+        assert "not installed" in stages.onnxruntime_unavailable_reason(CPU)
+    if stages.onnxruntime_unavailable_reason(CPU) is not None:
+        with pytest.raises(stages.Unavailable, match="onnxruntime"):
+            stages.build(stages.Case("backbone", "layer4", "float32", 2, SCALE), "onnxruntime", CPU)
+        return
+    with pytest.raises(stages.Unavailable, match="backbone stage only"):
+        stages.build(stages.Case("pos", "s32", "float32", 2, SCALE), "onnxruntime", CPU)
+    with pytest.raises(stages.Unavailable, match="float32"):
+        stages.build(stages.Case("backbone", "layer4", "bfloat16", 2, SCALE), "onnxruntime", CPU)
+
+
+def test_detr_fast_masks_row_runs_what_detr_fast_runs(monkeypatch):
+    # On CPU, detr_fast's masks come from the image sizes, not from the reference's F.interpolate;
+    # on the kernels' path (CUDA with Triton) the masks alone are the reference's function.
+    monkeypatch.delenv("DETR_FAST_BACKEND", raising=False)
+    runs = stages.implementation("detr_fast", None, CPU)
+    assert not runs.same_as_reference("masks", CPU)
+    assert runs.same_as_reference("masks", torch.device("cuda")) == stages.triton_available()
 
 
 @pytest.mark.skipif(stages.compile_unavailable_reason(CPU) is not None,
                     reason=str(stages.compile_unavailable_reason(CPU)))
 def test_compile_runner_once():
-    # torch.compile of the reference, on the cheapest stage (compiling ResNet-50 takes minutes here).
+    # torch.compile of the reference, on the cheapest stage (compiling ResNet-50 takes minutes here),
+    # with inductor's freezing on while it compiles and restored afterwards.
+    from torch._inductor import config
+
+    before = config.freezing
     case = stages.Case("masks", "s32", "float32", 2, SCALE)
     runner = stages.build(case, "compile", CPU)
-    with torch.no_grad():
+    seen = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        compile_fx = __import__("torch._inductor.compile_fx", fromlist=["compile_fx"])
+        original = compile_fx.compile_fx
+
+        def spy(*args, **kwargs):
+            seen.append(config.freezing)
+            return original(*args, **kwargs)
+        mp.setattr(compile_fx, "compile_fx", spy)
         out = runner.fn()
     assert runner.error(out) == 0
-    assert out.dtype == torch.bool and out.shape == (2,) + case.level_size
+    assert out[0].dtype == torch.bool and out[0].shape == (2,) + case.level_size
+    assert config.freezing == before
+    if seen:  # where inductor's entry point is reached through this attribute
+        assert all(seen)
 
 
-def _fake_benchmark(impl, dtype, seconds, stage="pos", level="s32", shape="2x256x25x42"):
+def _fake_benchmark(impl, dtype, seconds, stage="pos", level="s32", shape="2x256x25x42", spread=0.0):
     info = {"stage": stage, "impl": impl, "device": "cpu", "dtype": dtype, "batch": 2, "shape": shape,
             "level": level, "max_error": 0.0}
-    return {"extra_info": info, "stats": {"median": seconds, "min": seconds, "mean": seconds}}
+    stats = {"median": seconds, "min": seconds, "mean": seconds,
+             "q1": seconds * (1 - spread), "q3": seconds * (1 + spread)}
+    return {"extra_info": info, "stats": stats}
 
 
 def test_plot_speedups_table_and_png(tmp_path):
@@ -119,29 +179,61 @@ def test_plot_speedups_table_and_png(tmp_path):
                            _fake_benchmark("detr_fast", "bfloat16", 5e-4),
                            _fake_benchmark("detr_fast", "float32", 1e-3, shape="8x256x25x42"),  # no reference
                            {"extra_info": {}, "stats": {"median": 1.0}}],                       # not ours
-            "machine_info": {"detr_fast_bench": {"device_name": "Test GPU", "torch": "x", "triton": "y"}},
+            "machine_info": {"detr_fast_bench": {"device": "cuda:0", "device_name": "Test GPU", "torch": "x",
+                                                 "triton": "y", "cuda": "13.0"}},
             "commit_info": {"id": "0123456789abcdef", "dirty": False}}
     rows = plot.speedups(data)
-    # Rows sorted by stage, level, dtype, batch, impl; only those with a reference of the same work.
+    # Rows sorted by stage, level, dtype, batch, impl (detr_fast first); only those with a reference.
     assert [(r["impl"], r["dtype"], r["speedup"]) for r in rows] == [
-        ("detr_fast", "bfloat16", 6.0), ("compile", "float32", 2.0), ("detr_fast", "float32", 4.0)]
+        ("detr_fast", "bfloat16", 6.0), ("detr_fast", "float32", 4.0), ("compile", "float32", 2.0)]
     # Against the float32 reference, the bfloat16 detr_fast row is 8x.
     bf16 = [r for r in plot.speedups(data, baseline_dtype="float32") if r["dtype"] == "bfloat16"]
     assert [r["speedup"] for r in bf16] == [8.0]
     table = plot.markdown(rows, "title", "median")
-    assert "| pos | s32 | float32 | 2 | 2x256x25x42 | detr_fast | 4.000 | 1.000 | 4.00x |" in table
-    assert "Test GPU" in plot.describe(data) and "0123456789" in plot.describe(data)
+    assert "| pos | s32 | float32 | 2 | 2x256x25x42 | detr_fast | 4.000 | 1.000 | 4.00x | 4.00x-4.00x |" in table
+    assert "Test GPU (cuda:0)" in plot.describe(data) and "0123456789" in plot.describe(data)
+    assert "CUDA 13.0" in plot.describe(data)
 
     path = tmp_path / "bench.json"
-    path.write_text(__import__("json").dumps(data))
+    path.write_text(json.dumps(data))
     pytest.importorskip("matplotlib")
     assert plot.main([str(path), "-o", str(tmp_path / "s.png"), "--markdown", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "t.md").read_text() == table.replace("title", "detr_fast speed-up vs the reference — "
+    assert (tmp_path / "t.md").read_text() == table.replace("title", "detr_fast speed-up vs the reference on "
                                                              + plot.describe(data))
     with pytest.raises(ValueError, match="pytest-benchmark"):
         (tmp_path / "bad.json").write_text("{}")
         plot.main([str(tmp_path / "bad.json"), "--markdown", "-"])
+
+
+def test_plot_title_names_the_device_it_ran_on():
+    from bench import plot
+
+    # A CPU run of a CUDA build of torch: the title names the CPU, not "CUDA 13.0".
+    cpu = {"benchmarks": [_fake_benchmark("reference", "float32", 1.0)],
+           "machine_info": {"detr_fast_bench": {"device": "cpu", "device_name": "Some Xeon", "torch": "x",
+                                                "triton": "y", "cuda": "13.0", "threads": 2}}}
+    title = plot.describe(cpu)
+    assert title.startswith("Some Xeon (cpu), 2 threads") and "CUDA" not in title
+    # Without machine_info (an older JSON), the rows say where they ran.
+    assert plot.describe({"benchmarks": [_fake_benchmark("reference", "float32", 1.0)]}).startswith("cpu")
+
+
+def test_plot_orders_levels_by_stride_and_formats_speedups():
+    from bench import plot
+
+    data = {"benchmarks": [_fake_benchmark(impl, "float32", t, level=level, shape=level)
+                           for level in ("s32", "s16", "s8", "layers2-4", "layer4")
+                           for impl, t in (("reference", 2.0), ("detr_fast", 1.0))]}
+    assert [r["level"] for r in plot.speedups(data)] == ["s8", "s16", "s32", "layer4", "layers2-4"]
+    assert [plot.format_speedup(x) for x in (0.731, 2.614, 26.14, 261.6, 9.999, 99.97)] == \
+        ["0.73x", "2.61x", "26.1x", "262x", "10.0x", "100x"]
+    # The spread of a ratio from the two rows' quartiles; none without quartiles.
+    assert plot.ratio_spread({"q1": 3.0, "q3": 5.0}, {"q1": 1.0, "q3": 2.0}) == (1.5, 5.0)
+    assert plot.ratio_spread({"median": 1.0}, {"median": 1.0}) == (None, None)
+    row = plot.speedups({"benchmarks": [_fake_benchmark("reference", "float32", 4.0, spread=0.1),
+                                        _fake_benchmark("detr_fast", "float32", 1.0, spread=0.1)]})[0]
+    assert plot.format_spread(row) == "3.27x-4.89x"
 
 
 def test_plot_two_runs_each_use_their_own_reference(tmp_path):
@@ -155,7 +247,7 @@ def test_plot_two_runs_each_use_their_own_reference(tmp_path):
                              _fake_benchmark("compile", "float32", 2e-3)]}
     paths = []
     for name, data in (("a.json", first), ("b.json", second)):
-        (tmp_path / name).write_text(__import__("json").dumps(data))
+        (tmp_path / name).write_text(json.dumps(data))
         paths.append(str(tmp_path / name))
     assert plot.main(paths + ["--markdown", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text()
@@ -164,6 +256,6 @@ def test_plot_two_runs_each_use_their_own_reference(tmp_path):
     assert "| detr_fast | 4.000 | 1.000 | 4.00x |" in table
     # A JSON without reference rows is refused rather than silently dropped.
     only_compile = {"benchmarks": [_fake_benchmark("compile", "float32", 1e-3)]}
-    (tmp_path / "c.json").write_text(__import__("json").dumps(only_compile))
+    (tmp_path / "c.json").write_text(json.dumps(only_compile))
     with pytest.raises(SystemExit, match="c.json"):
         plot.main(paths + [str(tmp_path / "c.json"), "--markdown", "-"])
