@@ -2,10 +2,13 @@
 
     pytest bench/ --benchmark-only [--bench-scale S] [--bench-batches 2,8] [--bench-dtypes ...]
                                    [--bench-impls ...] [--bench-device ...] [--bench-warmup N]
+                                   [--bench-models detr,rtdetr] [--bench-model-scale S]
 
 The same command runs on CPU and CUDA; the defaults follow the device (full DETR sizes and
 float32 + bfloat16 on CUDA; a quarter of the size and float32 on a CPU, so that the whole run takes
-minutes on two cores). Each test module sets STAGE; every test is parametrized by the case
+minutes on two cores). The model stage (test_bench_model.py: whole transformers detectors) has
+its own sizes and batch per detector (--bench-models, --bench-model-scale; see
+stages.model_case). Each test module sets STAGE; every test is parametrized by the case
 (level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
 shape share a benchmark group, so the comparison table lines reference, detr_fast, compile and
 onnxruntime up. What each row runs is defined once, in detr_fast.stages (shared with
@@ -22,7 +25,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[test]'") from err
 
-from detr_fast import stages
+from detr_fast import model_zoo, stages
 from detr_fast.profile import peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
@@ -47,6 +50,13 @@ def pytest_addoption(parser):
                          "numbers measure Python call overhead, not the work")
     group.addoption("--bench-impls", default=",".join(stages.IMPLS),
                     help=f"comma-separated among {', '.join(stages.IMPLS)} (default all)")
+    group.addoption("--bench-models", default=",".join(stages.BENCH_MODELS),
+                    help=f"the model stage's detectors (transformers, random weights, detr_fast.model_zoo): "
+                         f"comma-separated among {', '.join(model_zoo.MODELS)} (default "
+                         f"{','.join(stages.BENCH_MODELS)})")
+    group.addoption("--bench-model-scale", type=float, default=1.0,
+                    help="image size factor of the model stage (default 1.0: on CUDA DETR's pair and 640x640; "
+                         "on CPU two 400x600 images for the DETR family and 640x640 for rtdetr and dfine)")
     group.addoption("--bench-warmup", type=int, default=None,
                     help="untimed calls before measuring, after the first one (which compiles and is "
                          "checked against the reference); default 3 on CUDA, 0 on CPU")
@@ -61,10 +71,25 @@ class Settings:
     dtypes: List[str]
     impls: List[str]
     warmup: int
+    models: List[str]
+    model_scale: float
 
     def scale_of(self, stage: str) -> float:
-        """--bench-scale for the network stages, --bench-light-scale for the cheap ones."""
+        """--bench-scale for the network stages, --bench-light-scale for the cheap ones,
+        --bench-model-scale for the model stage."""
+        if stage == stages.MODEL_STAGE:
+            return self.model_scale
         return self.scale if stage in stages.NETWORK_STAGES else self.light_scale
+
+    def cases(self, stage: str) -> List[stages.Case]:
+        if stage == stages.MODEL_STAGE:
+            return stages.model_cases(self.models, self.model_scale, self.dtypes, self.device)
+        return stages.cases(stage, self.scale_of(stage), self.batches, self.dtypes)
+
+    def case(self, stage: str, level: str, dtype: str, batch: int) -> stages.Case:
+        if stage == stages.MODEL_STAGE:
+            return stages.model_case(level, dtype, self.device, self.model_scale)
+        return stages.Case(stage, level, dtype, batch, self.scale_of(stage))
 
 
 def _split(value: str, option: str, allowed=None) -> List[str]:
@@ -110,8 +135,12 @@ def settings(config) -> Settings:
     warmup = warmup if warmup is not None else (3 if on_cuda else 0)
     if warmup < 0:
         raise pytest.UsageError(f"--bench-warmup must be >= 0, got {warmup}")
+    model_scale = config.getoption("--bench-model-scale")
+    if not 0 < model_scale <= 4:
+        raise pytest.UsageError(f"--bench-model-scale must be in (0, 4], got {model_scale}")
     result = Settings(device, scale, light_scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
-                      _split(config.getoption("--bench-impls"), "--bench-impls", stages.IMPLS), warmup)
+                      _split(config.getoption("--bench-impls"), "--bench-impls", stages.IMPLS), warmup,
+                      _split(config.getoption("--bench-models"), "--bench-models", model_zoo.MODELS), model_scale)
     config._detr_fast_bench_settings = result
     return result
 
@@ -121,7 +150,7 @@ def pytest_generate_tests(metafunc):
     if stage is None or "case" not in metafunc.fixturenames:
         return
     s = settings(metafunc.config)
-    all_cases = stages.cases(stage, s.scale_of(stage), s.batches, s.dtypes)
+    all_cases = s.cases(stage)
     # Plain values, not Case objects, so that the benchmark JSON's "params" hold them (the shape
     # included) and rows from different runs pair up; the `case` fixture rebuilds the Case.
     metafunc.parametrize(("level", "dtype", "batch", "shape"),
@@ -132,8 +161,8 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def case(request, level, dtype, batch, shape) -> stages.Case:
     stage = request.module.STAGE
-    result = stages.Case(stage, level, dtype, batch, settings(request.config).scale_of(stage))
-    assert result.shape == shape
+    result = settings(request.config).case(stage, level, dtype, batch)
+    assert result.shape == shape and result.batch == batch
     return result
 
 
@@ -169,6 +198,8 @@ def run_stage(benchmark, request):
             "scale": case.scale, "image_sizes": [list(hw) for hw in case.image_sizes],
             "threads": torch.get_num_threads(),
         })
+        if case.stage == stages.MODEL_STAGE:
+            benchmark.extra_info["model"] = model_zoo.describe(case.level, case.tiny)
         try:
             runner = stages.build(case, impl, s.device)
         except stages.Unavailable as why:
@@ -199,7 +230,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     s = settings(config)
     info = {"device": str(s.device), "device_name": stages.device_name(s.device), "torch": torch.__version__,
             "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup,
-            "threads": torch.get_num_threads()}
+            "model_scale": s.model_scale, "threads": torch.get_num_threads()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except Exception:
+        info["transformers"] = None
     try:
         import triton
         info["triton"] = triton.__version__

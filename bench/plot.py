@@ -23,7 +23,7 @@ import textwrap
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-STAGE_ORDER = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")
+STAGE_ORDER = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner", "model")
 LEVEL_ORDER = ("images", "s4", "s8", "s16", "s32", "s64", "layer4", "layers2-4", "layers1-4")
 IMPL_ORDER = ("detr_fast", "compile", "onnxruntime")
 STATS = ("median", "min", "mean")
@@ -149,6 +149,9 @@ def describe(data: Dict) -> str:
     if info.get("scale") is not None:
         light = info.get("light_scale")
         parts.append(f"scale {info['scale']}" + (f" (pad/masks/pos: {light})" if light is not None else ""))
+    stages = {(b.get("extra_info") or {}).get("stage") for b in data.get("benchmarks", [])}
+    if "model" in stages:
+        parts.append(f"model stage: scale {info.get('model_scale', 1.0)}, transformers {info.get('transformers', '?')}")
     return ", ".join(parts)
 
 

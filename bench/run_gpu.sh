@@ -13,7 +13,9 @@
 #             reference rows: every ratio is measured side by side in one run) -> bench_compile.json/.log
 #   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json
 # Full DETR sizes, batch 2 and 8, float32 and bfloat16 (the CUDA defaults of bench/conftest.py).
-# (The onnxruntime peer of the benchmarks runs on CPU only: it is not part of these GPU steps.)
+# (The onnxruntime peer of the benchmarks runs on CPU only: it is not part of these GPU steps. The
+# model stage, whole transformers detectors, needs transformers and timm: without them its rows are
+# skipped with the reason, and the profile step profiles the Joiner as before.)
 # After the steps, bench/plot.py draws whichever bench JSONs OUTDIR holds:
 #   speedup.png, speedup.md     speed-up over the reference of the same dtype
 #   speedup_vs_fp32.md          the same against the float32 reference (what bfloat16 buys end to end)

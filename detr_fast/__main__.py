@@ -9,7 +9,8 @@ from . import profile
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detr_fast")
     commands = parser.add_subparsers(dest="command", required=True)
-    profile.add_arguments(commands.add_parser("profile", help="time the stage, reference vs detr_fast"))
+    profile.add_arguments(commands.add_parser(
+        "profile", help="time the backbone stage (or a whole detector: --model), reference vs detr_fast"))
     args = parser.parse_args(argv)
     if args.command == "profile":
         return profile.main(args)

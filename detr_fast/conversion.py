@@ -193,7 +193,10 @@ def replace_frozen_bns(body: nn.Module, path: str, undo: Undo, report: Conversio
             x = torch.randn(2, child.weight.shape[0], 3, 2, generator=gen).to(child.weight.device,
                                                                                child.weight.dtype)
             with torch.no_grad():
-                why = same_outputs(child(x), new(x), tolerance(x.device, x.dtype) * 1e-1)
+                # Rounding only: float32 differs in the last bits (addcmul rounds once), reduced
+                # precision by an ulp of its own.
+                tol = tolerance(x.device, x.dtype) * (1e-1 if x.dtype in (torch.float32, torch.float64) else 1.0)
+                why = same_outputs(child(x), new(x), tol)
             if why is not None:
                 report.skipped.append((where, f"{type(child).__name__} does not compute a frozen "
                                               f"BatchNorm ({why})"))

@@ -16,6 +16,11 @@ The stages, as the Joiner runs them (see ../shared/DESIGN.md):
 - ``joiner(images) -> ([NestedTensor per level], [pos per level])``: the whole stage, pad included
   (the profile's "total").
 
+Beyond the Joiner, whole transformers detectors (detr_fast.model_zoo; ``Detector``): their
+``backbone`` (the conv encoder), ``pos`` (the DETR family's sine embedding of one level) and
+``model`` (the full forward: the benchmarks' "model" stage, the profile's "total" of --model NAME),
+compared on logits and boxes (``detector_error``).
+
 Implementations (``IMPLS``):
 
 - "reference": the reference path (``pad_images_reference``, ``downsample_mask_reference``,
@@ -23,7 +28,8 @@ Implementations (``IMPLS``):
 - "detr_fast": what a detr_fast user runs (``nested_tensor_from_tensor_list``, ``backend="auto"``,
   a ``detr_fast.convert``-ed copy of the same weights);
 - "compile": ``torch.compile`` of the reference, static shapes, with inductor's freezing on CPU
-  (what a CPU user would pick: weights folded as constants);
+  (what a CPU user would pick: weights folded as constants); for the model stage, of the
+  reference detector's forward;
 - "onnxruntime": the reference body exported to ONNX and run by ONNX Runtime's CPU provider
   (backbone stage only; an optional extra, ``pip install -e ".[onnx]"``).
 
@@ -48,15 +54,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import model_zoo
 from .backbone import Backbone, Joiner
+from .convert import conversion_report, convert
 from .dispatch import sine_path, triton_available
 from .joiner import JoinerBase
 from .levels import compute_levels
+from .model_zoo import DETR_IMAGE_SIZES, Unavailable  # Unavailable lives in model_zoo; stages.Unavailable is it
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list, trusted_image_sizes
 from .position_encoding import PositionEmbeddingSine, sine_position_embedding
 from .reference import downsample_mask_reference, pad_images_reference
 
-DETR_IMAGE_SIZES = ((800, 1066), (750, 1333))  # DETR's pair of images (repeated to a batch)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGES = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")
 IMPLS = ("reference", "detr_fast", "compile", "onnxruntime")
@@ -69,10 +77,11 @@ LEVEL_STAGES = ("masks", "pos", "masks_pos")
 NETWORK_STAGES = ("backbone", "joiner")  # the ResNet runs: what --bench-scale shrinks on CPU
 POS_FEATS = 128                # hidden_dim 256 / 2, as DETR and Deformable-DETR
 POS_CHANNELS = 2 * POS_FEATS
-
-
-class Unavailable(Exception):
-    """An implementation that cannot run here (the reason says why); benchmarks skip on it."""
+# The whole detector (detr_fast.model_zoo): a benchmark stage of its own, not one of the Joiner's.
+MODEL_STAGE = "model"
+BENCH_STAGES = STAGES + (MODEL_STAGE,)
+DETECTOR_STAGES = ("backbone", "pos", MODEL_STAGE)  # what the profile's --model mode times
+BENCH_MODELS = ("detr", "rtdetr")  # the benchmarks' default detectors (issue 10's DETR, RT-DETR-R50)
 
 
 # ---------------------------------------------------------------- cases
@@ -82,17 +91,22 @@ class Case:
     """One stage at one size: `batch` images (DETR's pair repeated), scaled by `scale`.
 
     `level` is "images" for pad; "s8"/"s16"/"s32" (one level) or a variant ("layer4",
-    "layers2-4": all of its levels) for masks, pos and masks_pos; a variant for backbone and joiner.
+    "layers2-4": all of its levels) for masks, pos and masks_pos; a variant for backbone and joiner;
+    a detector of detr_fast.model_zoo ("detr", "rtdetr", ...) for the model stage.
+    `sizes`: the images' sizes at scale 1, repeated (cut) to `batch` images; default DETR's pair.
+    `tiny`: the model stage's detector with a small head and backbone (model_zoo's tiny=True: tests).
     """
     stage: str
     level: str
     dtype: str
     batch: int
     scale: float
+    sizes: Optional[Tuple[Tuple[int, int], ...]] = None
+    tiny: bool = False
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage not in BENCH_STAGES:
+            raise ValueError(f"stage must be one of {BENCH_STAGES}, got {self.stage!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.batch, int) or self.batch < 1:
@@ -102,11 +116,17 @@ class Case:
         if self.level not in _levels_of(self.stage):
             raise ValueError(f"level of a {self.stage} case must be one of {_levels_of(self.stage)}, "
                              f"got {self.level!r}")
+        if self.sizes is not None and (not self.sizes or any(
+                len(hw) != 2 or any(not isinstance(x, int) or x < 1 for x in hw) for hw in self.sizes)):
+            raise ValueError(f"sizes must be a non-empty tuple of (height, width) ints >= 1, got {self.sizes!r}")
+        if self.tiny and self.stage != MODEL_STAGE:
+            raise ValueError("tiny applies to the model stage only")
 
     @property
     def image_sizes(self) -> List[Tuple[int, int]]:
-        pair = [(max(1, round(h * self.scale)), max(1, round(w * self.scale))) for h, w in DETR_IMAGE_SIZES]
-        return [pair[i % 2] for i in range(self.batch)]
+        base = DETR_IMAGE_SIZES if self.sizes is None else self.sizes
+        scaled = [(max(1, round(h * self.scale)), max(1, round(w * self.scale))) for h, w in base]
+        return [scaled[i % len(scaled)] for i in range(self.batch)]
 
     @property
     def padded_size(self) -> Tuple[int, int]:
@@ -160,7 +180,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.level}-{self.dtype}-b{self.batch}-{self.shape}"
+        return f"{self.level}-{self.dtype}-b{self.batch}-{self.shape}" + ("-tiny" if self.tiny else "")
 
     @property
     def group(self) -> str:
@@ -169,6 +189,8 @@ class Case:
 
 
 def _levels_of(stage: str) -> Tuple[str, ...]:
+    if stage == MODEL_STAGE:
+        return tuple(model_zoo.MODELS)
     if stage == "pad":
         return ("images",)
     if stage in LEVEL_STAGES:
@@ -187,6 +209,20 @@ def cases(stage: str, scale: float, batches: Sequence[int], dtypes: Sequence[str
     stage_dtypes = list(dtypes) if STAGE_DTYPES[stage] else ["float32"]
     return [Case(stage, level, dtype, batch, scale)
             for dtype in stage_dtypes for batch in batches for level in levels]
+
+
+def model_case(model: str, dtype: str, device: torch.device, scale: float = 1.0, tiny: bool = False) -> Case:
+    """The model stage's case of detector `model` (detr_fast.model_zoo) on `device`: on CUDA the
+    model's own sizes (DETR's pair; one 640x640 image for the real-time DETRs), on CPU the issue's
+    target (two 400x600 images for the DETR family), scaled by `scale`."""
+    model_spec = model_zoo.spec(model)
+    sizes = model_spec.sizes if torch.device(device).type == "cuda" else model_spec.bench_cpu_sizes
+    return Case(MODEL_STAGE, model, dtype, len(sizes), scale, tuple(sizes), tiny)
+
+
+def model_cases(models: Sequence[str], scale: float, dtypes: Sequence[str], device: torch.device) -> List[Case]:
+    """Every benchmark case of the model stage: one per detector and dtype (see model_case)."""
+    return [model_case(model, dtype, device, scale) for dtype in dtypes for model in models]
 
 
 def make_images(case: Case, device: torch.device, dtype: torch.dtype = torch.float32) -> List[Tensor]:
@@ -220,8 +256,6 @@ def build_reference_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
 def make_fast_joiner(reference: Joiner, log: Optional[Callable[[str], None]] = None) -> Joiner:
     """The detr_fast Joiner: a copy of ``reference`` with the same weights, converted the way a user
     converts a model (detr_fast.convert: folded backbone, fused masks and pos)."""
-    from .convert import conversion_report, convert
-
     fast = convert(copy.deepcopy(reference))
     if log is not None:
         log(str(conversion_report(fast)))
@@ -346,6 +380,83 @@ class DetrFast(Implementation):
     def same_as_reference(self, stage: str, device: torch.device) -> bool:
         # On the kernels' path the masks alone are the reference's F.interpolate (see masks()).
         return stage == "masks" and sine_path("auto", torch.device(device)) != "separable"
+
+
+class Detector(Implementation):
+    """The stages of a whole transformers detector (detr_fast.model_zoo), reference or converted:
+
+    - ``backbone(pixel_values, pixel_mask) -> [(feature, mask) per level]``: the conv encoder,
+      ``model.model.backbone``;
+    - ``pos(feature, mask) -> pos``: the DETR family's sine embedding of one level (the model's own
+      call: ``position_embedding(shape, device, dtype, mask)``), in the feature's dtype;
+    - ``model(inputs) -> outputs``: the full forward, ``model(**inputs)`` (the profile's "total").
+
+    ``name`` is "reference" or "detr_fast" (the same code, the model is what differs).
+    """
+
+    def __init__(self, name: str, model: nn.Module, autocast: Optional[torch.dtype] = None):
+        super().__init__(model, autocast)
+        self.name = name
+
+    def function(self, stage: str) -> Callable:
+        if stage not in DETECTOR_STAGES:
+            raise ValueError(f"stage of a detector must be one of {DETECTOR_STAGES}, got {stage!r}")
+        if stage == "pos" and model_zoo.position_embedding_of(self.model) is None:
+            raise Unavailable(f"{type(self.model).__name__} has no sine position embedding of its own")
+        return {"backbone": self.backbone, "pos": self.pos, MODEL_STAGE: self.forward}[stage]
+
+    def backbone(self, pixel_values: Tensor, pixel_mask: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        with _autocast(pixel_values.device, self.autocast):
+            return model_zoo.backbone_of(self.model)(pixel_values, pixel_mask)
+
+    def pos(self, feature: Tensor, mask: Tensor) -> Tensor:
+        embedding = model_zoo.position_embedding_of(self.model)
+        assert embedding is not None
+        # A fresh view of the mask per call: transformers' DETR embeddings keep their last result
+        # (an lru_cache of size 1 keyed on the arguments, the mask by identity), which a forward
+        # never hits (each forward's masks are new tensors); calls on one mask object would time
+        # that cache. Both sides get the same view.
+        mask = mask.view_as(mask)
+        return embedding(shape=feature.shape, device=feature.device, dtype=feature.dtype, mask=mask).to(feature.dtype)
+
+    def forward(self, inputs: Dict[str, Tensor]) -> Any:
+        with _autocast(inputs["pixel_values"].device, self.autocast):
+            return self.model(**inputs)
+
+
+def make_fast_model(reference: nn.Module, log: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """The detr_fast detector: ``detr_fast.convert`` of a deep copy of ``reference`` (same weights)."""
+    fast = convert(copy.deepcopy(reference))
+    if log is not None:
+        log(str(conversion_report(fast)))
+    return fast
+
+
+@functools.lru_cache(maxsize=None)
+def detectors(model: str, device: str, tiny: bool = False) -> Tuple[nn.Module, nn.Module]:
+    """(reference, detr_fast) float32 detectors `model` (model_zoo) on `device`, built once."""
+    reference = model_zoo.build(model, tiny=tiny).to(torch.device(device))
+    return reference, make_fast_model(reference)
+
+
+def detector_implementation(name: str, model: str, device: torch.device, *, autocast: Optional[torch.dtype] = None,
+                            tiny: bool = False) -> Implementation:
+    """Implementation `name` (reference, detr_fast, compile) of the cached detectors `model`;
+    raises Unavailable where it cannot run here (onnxruntime: the backbone stage only)."""
+    if name not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
+    if name == "onnxruntime":
+        raise Unavailable("onnxruntime is measured on the backbone stage only (the exported reference body)")
+    device = torch.device(device)
+    if name == "compile":
+        reason = compile_unavailable_reason(device)  # before building the models
+        if reason:
+            raise Unavailable(reason)
+    reference_model, fast_model = detectors(model, str(device), tiny)
+    if name == "detr_fast":
+        return Detector("detr_fast", fast_model, autocast)
+    reference = Detector("reference", reference_model, autocast)
+    return reference if name == "reference" else Compiled(reference, device)
 
 
 def compile_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -551,8 +662,11 @@ def error(stage: str, out: Any, expected: Any, dtype: Optional[torch.dtype] = No
     - pos: max abs difference (values in [-1, 1]);
     - masks_pos: pos's max abs difference + the masks' mismatching elements;
     - backbone: max relative error of the features (their scale grows through the network);
-    - joiner: max of the features' relative and pos's abs error, + mask mismatches.
+    - joiner: max of the features' relative and pos's abs error, + mask mismatches;
+    - model: the larger of the logits' and the boxes' relative errors (detector_error).
     """
+    if stage == MODEL_STAGE:
+        return detector_error(stage, out, expected)
     if stage == "pad":
         _check_shapes([out.tensors, out.mask], [expected.tensors, expected.mask], "pad")
         return max_abs_error([out.tensors], [expected.tensors]) + float((out.mask != expected.mask).sum())
@@ -574,6 +688,40 @@ def error(stage: str, out: Any, expected: Any, dtype: Optional[torch.dtype] = No
         mismatches = _mask_mismatches([lv.mask for lv in levels], [lv.mask for lv in exp_levels], "joiner masks")
         return max(max_rel_error(features, exp_features), max_abs_error(pos, exp_pos)) + mismatches
     raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+PREDICTIONS = ("logits", "pred_boxes")  # what a detector's outputs are compared on
+
+
+def predictions(outputs: Any) -> Dict[str, Tensor]:
+    """A detector's class logits and boxes (transformers' ``*ObjectDetectionOutput``)."""
+    return {key: getattr(outputs, key) for key in PREDICTIONS}
+
+
+def prediction_errors(out: Any, expected: Any) -> Dict[str, float]:
+    """Relative error of each prediction (max abs difference / max magnitude of the reference's)."""
+    got, wanted = predictions(out), predictions(expected)
+    _check_shapes(list(got.values()), list(wanted.values()), "predictions")
+    return {key: max_rel_error([got[key]], [wanted[key]]) for key in PREDICTIONS}
+
+
+def detector_error(stage: str, out: Any, expected: Any) -> float:
+    """The largest error of a detector stage's output against the reference's:
+
+    - backbone: max relative error of the features + mismatching mask elements;
+    - pos: max abs difference (values in [-1, 1]);
+    - model: the larger of the logits' and the boxes' relative errors (prediction_errors).
+    """
+    if stage == "backbone":
+        features, wanted = [f for f, _ in out], [f for f, _ in expected]
+        _check_shapes(features, wanted, "backbone features")
+        mismatches = _mask_mismatches([m for _, m in out], [m for _, m in expected], "backbone masks")
+        return max_rel_error(features, wanted) + mismatches
+    if stage == "pos":
+        return _pos_error([out], [expected], None, "pos")
+    if stage == MODEL_STAGE:
+        return max(prediction_errors(out, expected).values())
+    raise ValueError(f"stage of a detector must be one of {DETECTOR_STAGES}, got {stage!r}")
 
 
 # ---------------------------------------------------------------- the benchmarks' runners
@@ -624,11 +772,32 @@ def _last_expected(case: Case, device: torch.device, compute: Callable[[], Any])
     return _LAST_EXPECTED[key]
 
 
+def _build_model(case: Case, impl: str, device: torch.device) -> Runner:
+    """The model stage: the full forward of detector ``case.level`` on the case's images (with
+    their pixel_mask for the DETR family), reduced precision under autocast as a user runs it."""
+    dtype = DTYPES[case.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise Unavailable("float16 autocast is not supported on CPU by every torch version; use bfloat16")
+    autocast = dtype if dtype != torch.float32 else None
+    with torch.no_grad():
+        runs = detector_implementation(impl, case.level, device, autocast=autocast, tiny=case.tiny)
+        fn = runs.function(MODEL_STAGE)
+        inputs = model_zoo.inputs(case.level, case.image_sizes, device)
+        reference = detector_implementation("reference", case.level, device, tiny=case.tiny)
+        why = model_zoo.query_check(reference.model, case.level, case.image_sizes)
+        if why:
+            raise Unavailable(why)
+        expected = _last_expected(case, device, lambda: reference.function(MODEL_STAGE)(inputs))
+    return Runner(lambda: fn(inputs), lambda out: detector_error(MODEL_STAGE, out, expected))
+
+
 def build(case: Case, impl: str, device: torch.device) -> Runner:
     """The runner of `impl` for `case` on `device`; raises Unavailable when it cannot run here."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = torch.device(device)
+    if case.stage == MODEL_STAGE:
+        return _build_model(case, impl, device)
     dtype = DTYPES[case.dtype]
     if device.type == "cpu" and dtype == torch.float16 and case.stage in NETWORK_STAGES:
         raise Unavailable("float16 autocast is not supported on CPU by every torch version; use bfloat16")

@@ -15,8 +15,10 @@ from detr_fast import stages
 SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
 CPU = torch.device("cpu")
 # Largest error allowed per stage in float32 (see stages.Runner.error for what each one measures):
-# pad and masks are copies and must be exact; pos is the float32 embedding; features are relative.
-TOLERANCE = {"pad": 0.0, "masks": 0.0, "pos": 2e-5, "masks_pos": 2e-5, "backbone": 1e-4, "joiner": 1e-4}
+# pad and masks are copies and must be exact; pos is the float32 embedding; features, logits and
+# boxes are relative.
+TOLERANCE = {"pad": 0.0, "masks": 0.0, "pos": 2e-5, "masks_pos": 2e-5, "backbone": 1e-4, "joiner": 1e-4,
+             "model": 1e-4}
 
 
 def _all_cases():
@@ -34,7 +36,17 @@ def _all_cases():
     yield pytest.param(stages.Case("backbone", "layers2-4", "float32", 2, SCALE), "onnxruntime", id="backbone-ort")
 
 
-@pytest.mark.parametrize("case,impl", list(_all_cases()))
+def _model_case(model: str, dtype: str = "float32") -> stages.Case:
+    # The model stage's CPU case of `model`, tiny (small head and backbone) at a tenth of the size:
+    # two 40x60 images with their pixel_mask for DETR, one 64x64 image for RT-DETR.
+    return stages.model_case(model, dtype, CPU, scale=0.1, tiny=True)
+
+
+MODEL_CASES = [pytest.param(_model_case(model), impl, id=f"model-{model}-{impl}")
+               for model in stages.BENCH_MODELS for impl in ("reference", "detr_fast")]
+
+
+@pytest.mark.parametrize("case,impl", list(_all_cases()) + MODEL_CASES)
 def test_runner_output_matches_reference(case, impl):
     try:
         runner = stages.build(case, impl, CPU)
@@ -68,6 +80,48 @@ def test_error_functions_detect_a_wrong_output():
         assert runner.error((levels, pos)) == pytest.approx(0.01, rel=1e-2)
         with pytest.raises(AssertionError, match="shapes"):
             runner.error((levels[:1], pos[:1]))
+
+
+def test_model_stage_cases_and_errors():
+    # The model stage's cases: DETR on two 400x600 images on CPU (issue 10), DETR's pair on CUDA,
+    # RT-DETR on one 640x640 image; ids and groups name the detector and the padded input.
+    cpu = stages.model_cases(stages.BENCH_MODELS, 1.0, ["float32"], CPU)
+    assert [(c.level, c.batch, c.shape) for c in cpu] == [("detr", 2, "2x3x400x600"), ("rtdetr", 1, "1x3x640x640")]
+    assert cpu[0].id == "detr-float32-b2-2x3x400x600" and cpu[0].group == "model detr float32 2x3x400x600"
+    cuda = stages.model_cases(["detr"], 1.0, ["bfloat16"], torch.device("cuda"))
+    assert cuda[0].image_sizes == [(800, 1066), (750, 1333)] and cuda[0].shape == "2x3x800x1333"
+    assert _model_case("detr").id.endswith("-tiny")
+    with pytest.raises(ValueError, match="level"):
+        stages.Case("model", "layer4", "float32", 2, 1.0)
+    with pytest.raises(ValueError, match="tiny"):
+        stages.Case("backbone", "layer4", "float32", 2, 1.0, tiny=True)
+    with pytest.raises(ValueError, match="sizes"):
+        stages.Case("model", "detr", "float32", 2, 1.0, sizes=())
+    pytest.importorskip("transformers", reason="the model stage needs the 'hf' extra")
+    # The onnxruntime peer has no model stage; the compile runner is made (not run: compiling a
+    # whole detector takes minutes here) where torch.compile can run.
+    with pytest.raises(stages.Unavailable, match="backbone stage only"):
+        stages.build(_model_case("detr"), "onnxruntime", CPU)
+    if stages.compile_unavailable_reason(CPU) is None:
+        assert isinstance(stages.detector_implementation("compile", "detr", CPU, tiny=True), stages.Compiled)
+    # A wrong output is reported: perturbed boxes, a missing query.
+    with torch.no_grad():
+        runner = stages.build(_model_case("detr"), "reference", CPU)
+        out = runner.fn()
+        assert runner.error(out) == 0
+        out.pred_boxes.mul_(1.01)
+        assert runner.error(out) == pytest.approx(0.01, rel=1e-2)
+        out.logits = out.logits[:, 1:]
+        with pytest.raises(AssertionError, match="shapes"):
+            runner.error(out)
+
+
+def test_model_stage_without_transformers_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    case = stages.model_case("rtdetr", "float32", CPU, scale=0.1, tiny=True)
+    stages.detectors.cache_clear()
+    with pytest.raises(stages.Unavailable, match="transformers"):
+        stages.build(case, "reference", CPU)
 
 
 def test_case_shapes_are_the_real_ones():

@@ -40,6 +40,7 @@ def test_profile_writes_table_json_and_trace(tmp_path):
 
     report = json.loads(report_path.read_text())
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["batch"] == 2
+    assert report["model"] == "joiner"  # the default --model: the backbone stage alone
     assert report["threads"] == torch.get_num_threads() and report["device_name"]
     # DETR's 800x1066 and 750x1333 at scale 0.08.
     assert report["image_sizes"] == [[64, 85], [60, 107]]
@@ -75,6 +76,8 @@ BAD_FLAGS = [
     (["--reps", "two"], "--reps"),
     (["--device", "tpu"], "--device"),
     (["--dtype", "float64"], "--dtype"),
+    (["--model", "yolo"], "--model"),
+    (["--model", ""], "--model"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "CUDA is not available"))
@@ -92,6 +95,18 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     assert "Traceback" not in err
     assert lines[-1].startswith("python -m detr_fast profile: error:") and message in lines[-1], err
     assert lines[0].startswith("usage:")
+
+
+def test_model_without_transformers_is_a_usage_error(monkeypatch, capsys):
+    # The whole detectors need the 'hf' extra: without it --model detr says so in one line.
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(SystemExit) as info:
+        cli.main(["profile", "--device", "cpu", "--model", "detr"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith("python -m detr_fast profile: error: argument --model:") and "transformers" in last, err
 
 
 class FakeClock:
@@ -240,3 +255,34 @@ def test_table_flags_what_cannot_be_trusted():
     busy = _report(clean)
     busy["load_average"] = 3.6
     assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(profile.notes(busy))
+
+
+def test_backbone_timer_times_the_submodule_inside_each_call():
+    # The model profile's backbone share: forward hooks on the backbone record its time inside each
+    # forward while active; the share is taken over the timed forwards (the last ones).
+    clock = FakeClock()
+
+    class Slow(torch.nn.Module):
+        def __init__(self, cost):
+            super().__init__()
+            self.cost = cost
+
+        def forward(self, x):
+            clock.now += self.cost
+            return x
+
+    model = torch.nn.Sequential(Slow(0.003), Slow(0.001))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(profile.time, "perf_counter", clock)
+        timer = profile.BackboneTimer(model[0], torch.device("cpu"))
+        model(torch.zeros(1))  # inactive: not recorded
+        timer.active = True
+        for _ in range(3):
+            model(torch.zeros(1))
+        timer.remove()
+        model(torch.zeros(1))  # hooks removed
+    assert timer.times_ms() == pytest.approx([3.0] * 3)
+    share = profile.backbone_share([9.0] + timer.times_ms(), [4.0, 4.0, 4.0])
+    assert share == pytest.approx({"share": 0.75, "backbone_ms": 3.0, "rest_ms": 1.0})
+    with pytest.raises(ValueError, match="backbone time per forward"):
+        profile.backbone_share([1.0], [2.0, 2.0])
