@@ -129,9 +129,10 @@ REALTIME = {"rtdetr-r50": ("RTDetrForObjectDetection", 55), "rtdetr-r18": ("RTDe
 
 def build_realtime(name: str, seed: int = 0, **overrides) -> nn.Module:
     """A tiny real-time DETR (full-size backbone) with random frozen-BN statistics and HGNetV2
-    learnable affines. The encoder's score head is biased far down so that the top-k query
-    selection never picks among exactly tied scores (anchors outside the image all score the
-    bias alone): without that, a 1e-7 change anywhere reorders the queries."""
+    learnable affines. The encoder's score head is made constant (weight 0, bias -100): the top-k
+    query selection then sees exactly equal scores in the reference and the converted model and
+    breaks the ties alike. With a random head, anchors outside the image all score its bias alone
+    and a 1e-7 change anywhere else reorders the queries picked among the near-ties."""
     torch.manual_seed(seed)
     model = getattr(transformers, REALTIME[name][0])(realtime_config(name, **overrides)).eval()
     randomize_frozen_bn(model, seed)
@@ -141,5 +142,6 @@ def build_realtime(name: str, seed: int = 0, **overrides) -> nn.Module:
             if ".lab." in pname:
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if pname.endswith("scale")
                         else torch.randn(p.shape, generator=gen) * 0.1)
+        model.model.enc_score_head.weight.zero_()
         model.model.enc_score_head.bias.fill_(-100.0)
     return model
