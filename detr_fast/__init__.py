@@ -6,9 +6,9 @@ from .backbone import Backbone, BackboneBase, Joiner, build_backbone
 from .conversion import ConversionReport
 from .convert import conversion_report, convert
 from .dispatch import BACKENDS
+from .fold_cache import clear_fold_cache
 from .folding import fold_frozen_bn, unfold_frozen_bn
 from .frozen_bn import FrozenBatchNorm2d
-from .fused_conv import clear_fold_cache
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .ops import sine_masks_pos  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos; no Triton)
 from .position_encoding import (

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .class_swap import register_variant, swapped_class, variant_of
+from .folded_sequential import private_output
+from .folded_torchvision import shortcut
 from .frozen_bn import FrozenBatchNorm2d
 from .fused_conv import conv_bn, foldable
 
@@ -55,10 +57,11 @@ def _downsample_problem(downsample: Optional[nn.Module]) -> Optional[str]:
     return f"downsample is {type(downsample).__name__}, not Sequential(conv, frozen BN)"
 
 
-def _downsample(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
-    if downsample is None:
-        return x
-    return conv_bn(x, downsample[0], downsample[1])
+def _block_methods(folded_forward: Callable[..., Tensor]) -> Dict[str, Callable]:
+    """A residual block's methods: forward, and folded_forward(x, owns_input) for FoldedSequential."""
+    def forward(self: nn.Module, x: Tensor) -> Tensor:
+        return folded_forward(self, x, False)
+    return {"forward": forward, "folded_forward": folded_forward}
 
 
 def _downsample_convs(downsample: Optional[nn.Module]) -> List[nn.Conv2d]:
@@ -87,25 +90,25 @@ _TIMM_BASIC_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 
 
 def _conv_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, act: Optional[nn.Module],
-              residual: Optional[Tensor] = None) -> Tensor:
+              residual: Optional[Tensor] = None, reuse_residual: bool = False) -> Tensor:
     """act(bn(conv(x)) (+ residual)): a ReLU in the convolution's epilogue, another activation
     as its own op after the folded convolution."""
     relu = type(act) is nn.ReLU
-    y = conv_bn(x, conv, bn, relu=relu, residual=residual)
+    y = conv_bn(x, conv, bn, relu=relu, residual=residual, reuse_residual=reuse_residual)
     return y if relu or _is_identity(act) else act(y)
 
 
-def _timm_bottleneck_forward(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = _downsample(self.downsample, x)
+def _timm_bottleneck_forward(self: nn.Module, x: Tensor, owns_input: bool = False) -> Tensor:
+    residual, private = shortcut(self.downsample, x, owns_input)
     out = _conv_act(x, self.conv1, self.bn1, self.act1)
     out = _conv_act(out, self.conv2, self.bn2, self.act2)
-    return _conv_act(out, self.conv3, self.bn3, self.act3, residual=shortcut)
+    return _conv_act(out, self.conv3, self.bn3, self.act3, residual, private)
 
 
-def _timm_basic_forward(self: nn.Module, x: Tensor) -> Tensor:
-    shortcut = _downsample(self.downsample, x)
+def _timm_basic_forward(self: nn.Module, x: Tensor, owns_input: bool = False) -> Tensor:
+    residual, private = shortcut(self.downsample, x, owns_input)
     out = _conv_act(x, self.conv1, self.bn1, self.act1)
-    return _conv_act(out, self.conv2, self.bn2, self.act2, residual=shortcut)
+    return _conv_act(out, self.conv2, self.bn2, self.act2, residual, private)
 
 
 TIMM_BOTTLENECK = Recipe(
@@ -114,7 +117,7 @@ TIMM_BOTTLENECK = Recipe(
     why_not=lambda m: _timm_block_problem(m, _TIMM_BOTTLENECK_PAIRS),
     folded_convs=lambda m: [m.conv1, m.conv2, m.conv3] + _downsample_convs(m.downsample),
     in_channels=lambda m: m.conv1.in_channels,
-    methods={"forward": _timm_bottleneck_forward},
+    methods=_block_methods(_timm_bottleneck_forward),
 )
 
 TIMM_BASIC = Recipe(
@@ -123,7 +126,7 @@ TIMM_BASIC = Recipe(
     why_not=lambda m: _timm_block_problem(m, _TIMM_BASIC_PAIRS),
     folded_convs=lambda m: [m.conv1, m.conv2] + _downsample_convs(m.downsample),
     in_channels=lambda m: m.conv1.in_channels,
-    methods={"forward": _timm_basic_forward},
+    methods=_block_methods(_timm_basic_forward),
 )
 
 
@@ -206,13 +209,14 @@ def _residual_layer_problem(m: nn.Module) -> Optional[str]:
     return _pair_problem(last.convolution, last.normalization, "layer's last convolution")
 
 
-def _residual_layer_forward(self: nn.Module, hidden_state: Tensor) -> Tensor:
+def _residual_layer_forward(self: nn.Module, hidden_state: Tensor, owns_input: bool = False) -> Tensor:
     residual = self.shortcut(hidden_state)
+    private = owns_input if residual is hidden_state else private_output(self.shortcut)
     for unit in self.layer[:-1]:
         hidden_state = unit(hidden_state)
     last = self.layer[-1]
     # The residual add (and a ReLU) in the last convolution's epilogue.
-    return _conv_act(hidden_state, last.convolution, last.normalization, self.activation, residual=residual)
+    return _conv_act(hidden_state, last.convolution, last.normalization, self.activation, residual, private)
 
 
 RESIDUAL_LAYER = Recipe(
@@ -221,7 +225,7 @@ RESIDUAL_LAYER = Recipe(
     why_not=_residual_layer_problem,
     folded_convs=lambda m: [m.layer[-1].convolution],
     in_channels=lambda m: m.layer[0].convolution.in_channels,
-    methods={"forward": _residual_layer_forward},
+    methods=_block_methods(_residual_layer_forward),
 )
 
 RECIPES = (TIMM_BOTTLENECK, TIMM_BASIC, TIMM_FEATURE_NET, RESIDUAL_LAYER, CONV_UNIT)

@@ -29,7 +29,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import ResNet
 
 from .class_swap import base_class
+from .fold_cache import clear_fold_cache
 from .fold_recipes import Recipe, folded_class, folded_recipe, probe_input, recipe_for
+from .folded_sequential import FoldedSequential, has_folded_forward
 from .folded_torchvision import (
     BLOCK_PAIRS,
     BLOCKS,
@@ -42,7 +44,6 @@ from .folded_torchvision import (
     block_foldable,
     stem_plan,
 )
-from .fused_conv import clear_fold_cache
 
 logger = logging.getLogger("detr_fast")
 
@@ -154,6 +155,11 @@ def fold(module: nn.Module, channels_last: bool = True) -> FoldResult:
                 result.skipped.append(((name + ".conv1") if name else "conv1", _UNFOLDABLE))
         else:
             _fold_by_recipe(m, where, result)
+    for m in module.modules():
+        # A layer of folded blocks lets each block write into its input when that is private.
+        if type(m) in (nn.Sequential, FoldedSequential):
+            all_folded = len(m) > 0 and all(has_folded_forward(block) for block in m)
+            _set_class(result, m, FoldedSequential if all_folded else nn.Sequential)
     result.pairs = count_folded(module)
     logger.info("fold_frozen_bn: folded %d residual blocks and %d stems (%d conv+BN pairs)",
                 result.blocks, result.stems, result.pairs)
@@ -207,7 +213,9 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
 def unfold_frozen_bn(module: nn.Module) -> nn.Module:
     """Undo every fold under ``module`` in place: the reference classes and forwards come back."""
     for m in module.modules():
-        if type(m) in _UNFOLD:
+        if type(m) is FoldedSequential:
+            m.__class__ = nn.Sequential
+        elif type(m) in _UNFOLD:
             m.__class__ = _UNFOLD[type(m)]
             m.__dict__.pop(STEM_ATTR, None)
             m.__dict__.pop(CHANNELS_LAST_ATTR, None)

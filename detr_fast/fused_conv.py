@@ -1,24 +1,18 @@
 """One convolution with a frozen BatchNorm folded into it, and its epilogue fused where possible.
 
 ``conv_bn(x, conv, bn, relu=..., residual=...)`` computes ``relu(bn(conv(x)) + residual)`` as a
-single convolution with the folded weight w' = w * scale and bias b' = shift (+ conv.bias * scale),
-where (scale, shift) = bn.scale_and_shift() — the one folding formula, owned by FrozenBatchNorm2d.
+single convolution with the folded weights (fold_cache.py: derived at run time, cached, never in
+the state_dict).
 
-Where the folded weights come from:
-- when autograd needs them (grad enabled and the conv's or BN's tensors require grad), the fold is
-  recomputed differentiably at every call, so training updates w and gradients match the reference;
-- otherwise they are cached on the conv module as a plain attribute (never a parameter or buffer,
-  so the state_dict is untouched), keyed on the identity, storage pointer and version counter of
-  every source tensor. load_state_dict, optimizer steps, .to() and any in-place edit change one of
-  those, so the cache is rebuilt instead of going stale. One exception, documented in the README:
-  writes through ``tensor.data`` bypass the version counter; call clear_fold_cache() after them.
-
-The epilogue (bias, residual add, ReLU) is fused into the convolution's own kernel when no autograd
-graph is needed and the platform offers it: cuDNN's fused ops on CUDA (torch.cudnn_convolution_relu
-and torch.cudnn_convolution_add_relu), oneDNN's post-ops on CPU (torch.ops.mkldnn._convolution_
-pointwise). Each fused op is checked once per (device type, dtype, memory format) against the
-unfused computation on a small random problem; if it is missing, raises or disagrees, the unfused
-folded convolution runs instead (and a warning says so once).
+The epilogue (bias, residual add, ReLU) runs inside the convolution's own kernel when no autograd
+graph is needed (and not while compiling or exporting, which trace the plain folded convolution):
+- on CPU with channels_last tensors, oneDNN with prepacked weights (onednn.py), the residual
+  written in place when the caller says it is private;
+- on CUDA, cuDNN's fused ops (torch.cudnn_convolution_relu / cudnn_convolution_add_relu), and on
+  CPU with NCHW tensors oneDNN with dense weights, for the ReLU epilogues.
+Each fused op is checked once per (device type, dtype, memory format) against F.conv2d on a small
+random problem; if it is missing, raises or disagrees, the unfused folded convolution runs instead
+(and a warning says so once). Elsewhere the folded convolution runs as F.conv2d.
 """
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -27,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import onednn
 from .dispatch import compiling, exporting
+from .fold_cache import clear_fold_cache, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
 
-_CACHE_ATTR = "_detr_fast_fold_cache"
+__all__ = ["clear_fold_cache", "conv_bn", "foldable", "folded_weight_and_bias", "memory_format_of"]
 
 # (device type, dtype, memory format, epilogue) -> whether the fused op is usable there.
 _FUSED_OK: Dict[Tuple[str, torch.dtype, torch.memory_format, str], bool] = {}
@@ -40,67 +36,6 @@ def foldable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether ``bn(conv(x))`` can run as one folded convolution here."""
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
             and isinstance(bn, FrozenBatchNorm2d) and bn.weight.shape[0] == conv.out_channels)
-
-
-def clear_fold_cache(module: nn.Module) -> None:
-    """Drop every cached folded weight under ``module`` (needed only after writes via ``.data``)."""
-    for m in module.modules():
-        m.__dict__.pop(_CACHE_ATTR, None)
-
-
-def _sources(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> List[Tensor]:
-    tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if conv.bias is not None:
-        tensors.append(conv.bias)
-    return tensors
-
-
-def _stamp(tensors: List[Tensor]) -> Optional[Tuple]:
-    # Inference tensors keep no version counter: their folds cannot be validated, so not cached.
-    if any(t.is_inference() for t in tensors):
-        return None
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: torch.dtype,
-          memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
-    """The folded (weight, bias), computed in at least float32 and rounded once to ``dtype``."""
-    scale, shift = bn.scale_and_shift()
-    w = conv.weight
-    compute = torch.promote_types(w.dtype, torch.float32)
-    scale = scale.to(compute)
-    weight = w.to(compute) * scale.reshape(-1, 1, 1, 1)
-    bias = shift.to(compute)
-    if conv.bias is not None:
-        bias = bias + conv.bias.to(compute) * scale
-    return weight.to(dtype).contiguous(memory_format=memory_format), bias.to(dtype)
-
-
-def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Optional[torch.dtype] = None,
-                           memory_format: torch.memory_format = torch.contiguous_format
-                           ) -> Tuple[Tensor, Tensor]:
-    """The folded (weight, bias) of ``bn(conv(.))`` in ``dtype`` (default: the conv weight's).
-
-    Differentiable when grad is enabled and a source tensor requires grad; cached otherwise.
-    """
-    if dtype is None:
-        dtype = conv.weight.dtype
-    sources = _sources(conv, bn)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or compiling():
-        # Under torch.compile the fold is traced into the graph (storage pointers cannot be read
-        # there), where the compiler can constant-fold or fuse it.
-        return _fold(conv, bn, dtype, memory_format)
-    stamp = _stamp(sources)
-    key = (stamp, float(bn.eps), dtype, memory_format)
-    cached = conv.__dict__.get(_CACHE_ATTR)
-    if (stamp is not None and cached is not None and cached[0] == key
-            and len(cached[1]) == len(sources) and all(a is b for a, b in zip(cached[1], sources))):
-        return cached[2], cached[3]
-    with torch.no_grad():
-        weight, bias = _fold(conv, bn, dtype, memory_format)
-    if stamp is not None:
-        conv.__dict__[_CACHE_ATTR] = (key, sources, weight, bias)
-    return weight, bias
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -219,8 +154,12 @@ def _self_check(device: torch.device, dtype: torch.dtype, memory_format: torch.m
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = False,
-            residual: Optional[Tensor] = None) -> Tensor:
-    """``relu?(bn(conv(x)) (+ residual))`` as one folded convolution, epilogue fused when possible."""
+            residual: Optional[Tensor] = None, reuse_residual: bool = False) -> Tensor:
+    """``relu?(bn(conv(x)) (+ residual))`` as one folded convolution, epilogue fused when possible.
+
+    ``reuse_residual``: the caller owns ``residual`` (nothing else holds it), so the result may be
+    written into its memory instead of a new tensor.
+    """
     dtype = None
     amp = autocast_dtype(x.device.type)
     if amp is None and x.dtype != conv.weight.dtype:
@@ -235,12 +174,16 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
     weight, bias = folded_weight_and_bias(conv, bn, dtype, memory_format)
     needs_graph = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
                                                or (residual is not None and residual.requires_grad))
-    if relu and not compiling() and not exporting() and not needs_graph:
-        epilogue = "relu" if residual is None else "add_relu"
-        # String padding ("same") has no fused kernel: the unfused folded conv handles it.
-        if not isinstance(conv.padding, str) and _fused_supported(x.device, weight.dtype, memory_format, epilogue):
-            # The fused ops know nothing of autocast: cast the inputs as autocast would.
-            xin = x.to(weight.dtype).contiguous(memory_format=memory_format)
-            z = None if residual is None else residual.to(weight.dtype).contiguous(memory_format=memory_format)
-            return _fused_call(xin, weight, bias, conv, z)
+    # String padding ("same") has no fused kernel: the unfused folded conv handles it.
+    if needs_graph or compiling() or exporting() or isinstance(conv.padding, str):
+        return _unfused(x, weight, bias, conv, relu, residual)
+    # The fused ops know nothing of autocast: cast the inputs as autocast would.
+    xin = x.to(weight.dtype).contiguous(memory_format=memory_format)
+    z = None if residual is None else residual.to(weight.dtype).contiguous(memory_format=memory_format)
+    if x.device.type == "cpu" and memory_format == torch.channels_last and onednn.usable(weight.dtype):
+        # A residual that had to be cast or made contiguous is a copy of ours: reusable.
+        reuse = z is not None and (reuse_residual or z is not residual)
+        return onednn.conv(xin, weight, bias, conv, relu, z, reuse)
+    if relu and _fused_supported(x.device, weight.dtype, memory_format, "relu" if residual is None else "add_relu"):
+        return _fused_call(xin, weight, bias, conv, z)
     return _unfused(x, weight, bias, conv, relu, residual)

@@ -1,0 +1,111 @@
+"""The folded weights of a conv + frozen BN pair, derived at run time and cached on the conv.
+
+w' = w * scale and b' = shift (+ conv.bias * scale), with (scale, shift) = bn.scale_and_shift() —
+the one folding formula, owned by FrozenBatchNorm2d — computed in at least float32 and rounded
+once to the dtype the convolution runs in.
+
+- When autograd needs them (grad enabled and the conv's or BN's tensors require grad) the fold is
+  recomputed differentiably at every call, so training updates w and gradients match the reference;
+  under torch.compile it is traced into the graph.
+- Otherwise they are cached on the conv module as a plain attribute (never a parameter or buffer,
+  so the state_dict is untouched), keyed on the identity, storage pointer and version counter of
+  every source tensor. load_state_dict, optimizer steps, .to() and any in-place edit change one of
+  those, so the cache is rebuilt instead of going stale. Writes through ``tensor.data`` bypass the
+  version counter: call clear_fold_cache() after them (the README says so). Copies and pickles of
+  the module drop the cache (it is rebuilt on the next call).
+"""
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import compiling
+from .frozen_bn import FrozenBatchNorm2d
+
+CACHE_ATTRS = ("_detr_fast_fold_cache", "_detr_fast_packed")  # this cache, and oneDNN's packed weights
+
+
+class DerivedCache:
+    """A value derived from a module's tensors, kept on the module: dropped (None) by
+    copy.deepcopy, pickle and torch.save, which rebuild it on the next call."""
+
+    def __init__(self, key: Any, value: Any, sources: Tuple[Tensor, ...] = ()):
+        self.key = key
+        self.value = value
+        # The tensors it was derived from, held so that their identities cannot be reused.
+        self.sources = sources
+
+    def valid_for(self, key: Any, sources: Tuple[Tensor, ...] = ()) -> bool:
+        return self.key == key and len(self.sources) == len(sources) and all(
+            a is b for a, b in zip(self.sources, sources))
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_dropped, ())
+
+
+def _dropped() -> None:
+    return None
+
+
+def clear_fold_cache(module: nn.Module) -> None:
+    """Drop every cached folded (and prepacked) weight under ``module``; needed only after writes
+    through ``.data``, which no version counter sees."""
+    for m in module.modules():
+        for attr in CACHE_ATTRS:
+            m.__dict__.pop(attr, None)
+
+
+def _sources(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> List[Tensor]:
+    tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        tensors.append(conv.bias)
+    return tensors
+
+
+def _stamp(tensors: List[Tensor]) -> Optional[Tuple]:
+    # Inference tensors keep no version counter: their folds cannot be validated, so not cached.
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: torch.dtype,
+          memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
+    """The folded (weight, bias), computed in at least float32 and rounded once to ``dtype``."""
+    scale, shift = bn.scale_and_shift()
+    w = conv.weight
+    compute = torch.promote_types(w.dtype, torch.float32)
+    scale = scale.to(compute)
+    weight = w.to(compute) * scale.reshape(-1, 1, 1, 1)
+    bias = shift.to(compute)
+    if conv.bias is not None:
+        bias = bias + conv.bias.to(compute) * scale
+    return weight.to(dtype).contiguous(memory_format=memory_format), bias.to(dtype)
+
+
+def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Optional[torch.dtype] = None,
+                           memory_format: torch.memory_format = torch.contiguous_format
+                           ) -> Tuple[Tensor, Tensor]:
+    """The folded (weight, bias) of ``bn(conv(.))`` in ``dtype`` (default: the conv weight's).
+
+    Differentiable when grad is enabled and a source tensor requires grad; cached otherwise (the
+    same tensor objects are returned while nothing changed).
+    """
+    if dtype is None:
+        dtype = conv.weight.dtype
+    sources = _sources(conv, bn)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or compiling():
+        return _fold(conv, bn, dtype, memory_format)
+    stamp = _stamp(sources)
+    key = (stamp, float(bn.eps), dtype, memory_format)
+    cached = conv.__dict__.get(CACHE_ATTRS[0])
+    if stamp is not None and cached is not None and cached.valid_for(key, tuple(sources)):
+        return cached.value
+    with torch.no_grad():
+        folded = _fold(conv, bn, dtype, memory_format)
+    if stamp is not None:
+        conv.__dict__[CACHE_ATTRS[0]] = DerivedCache(key, folded, tuple(sources))
+    return folded
