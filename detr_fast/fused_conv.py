@@ -55,7 +55,17 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The memory format a caller's tensor is in (NCHW when it is both, e.g. 1 x 1 maps)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_format(x: Tensor) -> torch.memory_format:
+    """The format a convolution runs in: channels_last whenever x's memory allows it — a 1 x 1
+    map is contiguous in both, and running it NCHW between channels_last layers would make oneDNN
+    convert the weights at every call."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -170,7 +180,7 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
         # Fold straight into the autocast dtype: autocast would otherwise recast the (non-leaf)
         # folded weight at every call.
         dtype = amp
-    memory_format = memory_format_of(x)
+    memory_format = _conv_format(x)
     weight, bias = folded_weight_and_bias(conv, bn, dtype, memory_format)
     needs_graph = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
                                                or (residual is not None and residual.requires_grad))
