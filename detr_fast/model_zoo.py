@@ -165,24 +165,48 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 # ---------------------------------------------------------------- building
 
-def randomize_backbone(model: nn.Module, seed: int = 0) -> None:
-    """Random non-identity frozen-BN statistics in the backbone (weight and running_var in
-    [0.75, 1.25], bias and running_mean ~N(0, 0.1)) and, where HGNetV2 has learnable affine blocks,
-    random ones (scale in [0.5, 1.5], bias ~N(0, 0.1)): a fresh model's are the identity, which
-    would hide folding mistakes."""
-    gen = torch.Generator().manual_seed(seed)
+def randomize_frozen_bn(module: nn.Module, generator: torch.Generator, where: str = "") -> None:
+    """Non-identity frozen-BN statistics (weight and running_var in [0.75, 1.25], bias and
+    running_mean ~N(0, 0.1)) in every buffer whose name contains ``where``: a fresh model's are
+    the identity (and timm zero-initialises the last BN of each block), which would hide folding
+    mistakes."""
     with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if "backbone" not in name or not buf.is_floating_point():
+        for name, buf in module.named_buffers():
+            if where not in name or not buf.is_floating_point():
                 continue
             if name.endswith(("weight", "running_var")):
-                buf.copy_(torch.rand(buf.shape, generator=gen) * 0.5 + 0.75)
+                buf.copy_(torch.rand(buf.shape, generator=generator) * 0.5 + 0.75)
             elif name.endswith(("bias", "running_mean")):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
+                buf.copy_(torch.randn(buf.shape, generator=generator) * 0.1)
+
+
+def randomize_backbone(model: nn.Module, seed: int = 0) -> None:
+    """randomize_frozen_bn on the backbone and, where HGNetV2 has learnable affine blocks, random
+    ones (scale in [0.5, 1.5], bias ~N(0, 0.1))."""
+    gen = torch.Generator().manual_seed(seed)
+    randomize_frozen_bn(model, gen, "backbone")
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "backbone" in name and ".lab." in name:
                 param.copy_(torch.rand(param.shape, generator=gen) + 0.5 if name.endswith("scale")
                             else torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def constant_query_scores(model: nn.Module) -> None:
+    """Make a real-time DETR's encoder score head constant (weight 0, bias -100).
+
+    Its top-k query selection: with random weights the anchors' scores are nearly tied (anchors
+    outside the image score exactly alike: their memory is zeroed; the others differ by ~1e-3 or
+    less), so a 1e-7 change of the features (folding) reorders the selected queries, and the
+    outputs, compared query by query, differ completely (D-FINE's default config at 640x640: 22 of
+    300 queries, box error 0.7). With every anchor scoring exactly -100.0 top-k picks the same
+    anchors in the same order on both sides, and a comparison measures the features' effect on the
+    decoder. (The bias alone is not enough: it works for RT-DETR only because the random head's
+    ~1e-8 contributions vanish below float32's resolution at 100, not for D-FINE's ~1e-3.) Trained
+    weights separate the scores; the time of the selection does not depend on them."""
+    with torch.no_grad():
+        model.model.enc_score_head.bias.fill_(-100.0)
+        model.model.enc_score_head.weight.zero_()
 
 
 def build(name: str, *, tiny: bool = False, seed: int = 0) -> nn.Module:
@@ -197,20 +221,7 @@ def build(name: str, *, tiny: bool = False, seed: int = 0) -> nn.Module:
     model = getattr(transformers, model_spec.model_class)(model_spec.config(transformers, tiny)).eval()
     randomize_backbone(model, seed)
     if model_spec.family == "realtime":
-        # The encoder's top-k query selection. With random weights the anchors' scores are nearly
-        # tied (anchors outside the image score exactly alike: their memory is zeroed; the others
-        # differ by ~1e-3 or less), so a 1e-7 change of the features (folding) reorders the
-        # selected queries, and the outputs, compared query by query, differ completely (D-FINE's
-        # default config at 640x640: 22 of 300 queries, box error 0.7). The score head's bias is
-        # set far down (-100, as tests/hf_models.py) and its weight to zero: every anchor then
-        # scores exactly -100.0, top-k picks the same anchors in the same order from identical
-        # scores on both sides, and the comparison measures the features' effect on the decoder.
-        # (The bias alone is not enough: it works for RT-DETR only because the random head's
-        # ~1e-8 contributions vanish below float32's resolution at 100, not for D-FINE's ~1e-3.)
-        # Trained weights separate the scores; the time of the selection does not depend on them.
-        with torch.no_grad():
-            model.model.enc_score_head.bias.fill_(-100.0)
-            model.model.enc_score_head.weight.zero_()
+        constant_query_scores(model)
     return model
 
 

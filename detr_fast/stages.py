@@ -60,7 +60,7 @@ from .convert import conversion_report, convert
 from .dispatch import sine_path, triton_available
 from .joiner import JoinerBase
 from .levels import compute_levels
-from .model_zoo import DETR_IMAGE_SIZES, Unavailable  # Unavailable lives in model_zoo; stages.Unavailable is it
+from .model_zoo import DETR_IMAGE_SIZES, Unavailable, randomize_frozen_bn  # stages.Unavailable is model_zoo's
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list, trusted_image_sizes
 from .position_encoding import PositionEmbeddingSine, sine_position_embedding
 from .reference import downsample_mask_reference, pad_images_reference
@@ -232,15 +232,6 @@ def make_images(case: Case, device: torch.device, dtype: torch.dtype = torch.flo
 
 
 # ---------------------------------------------------------------- models
-
-def randomize_frozen_bn(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Give every FrozenBatchNorm2d non-identity statistics, so that folding is really tested."""
-    for name, buf in model.named_buffers():
-        if name.endswith(("weight", "running_var")):
-            buf.copy_(torch.rand(buf.shape, generator=generator) * 0.5 + 0.75)
-        elif name.endswith(("bias", "running_mean")):
-            buf.copy_(torch.randn(buf.shape, generator=generator) * 0.1)
-
 
 def build_reference_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
     """A ResNet-50 Joiner with the sine embedding (128 features per axis, normalized) on the

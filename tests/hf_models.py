@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from detr_fast.model_zoo import constant_query_scores, randomize_backbone
+
 transformers = pytest.importorskip("transformers", reason="the transformers tests need the 'hf' extra")
 pytest.importorskip("timm", reason="the transformers tests need the 'hf' extra (timm)")
 
@@ -42,18 +44,6 @@ BACKBONES: Dict[str, Callable[[str], dict]] = {
 }
 
 
-def randomize_frozen_bn(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if "backbone" not in name or not buf.is_floating_point():
-                continue
-            if name.endswith(("weight", "running_var")):
-                buf.copy_(torch.rand(buf.shape, generator=gen) * 0.5 + 0.75)
-            elif name.endswith(("bias", "running_mean")):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
-
-
 def config(family: str, backbone: str, **overrides):
     config_name, _, extra = FAMILIES[family]
     return getattr(transformers, config_name)(**{**TINY, **extra, **BACKBONES[backbone](family), **overrides})
@@ -62,7 +52,7 @@ def config(family: str, backbone: str, **overrides):
 def build(family: str, backbone: str, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family][1])(config(family, backbone, **overrides)).eval()
-    randomize_frozen_bn(model, seed)
+    randomize_backbone(model, seed)
     return model
 
 
@@ -129,19 +119,9 @@ REALTIME = {"rtdetr-r50": ("RTDetrForObjectDetection", 55), "rtdetr-r18": ("RTDe
 
 def build_realtime(name: str, seed: int = 0, **overrides) -> nn.Module:
     """A tiny real-time DETR (full-size backbone) with random frozen-BN statistics and HGNetV2
-    learnable affines. The encoder's score head is made constant (weight 0, bias -100): the top-k
-    query selection then sees exactly equal scores in the reference and the converted model and
-    breaks the ties alike. With a random head, anchors outside the image all score its bias alone
-    and a 1e-7 change anywhere else reorders the queries picked among the near-ties."""
+    learnable affines, its query selection made deterministic (model_zoo.constant_query_scores)."""
     torch.manual_seed(seed)
     model = getattr(transformers, REALTIME[name][0])(realtime_config(name, **overrides)).eval()
-    randomize_frozen_bn(model, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".lab." in pname:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if pname.endswith("scale")
-                        else torch.randn(p.shape, generator=gen) * 0.1)
-        model.model.enc_score_head.weight.zero_()
-        model.model.enc_score_head.bias.fill_(-100.0)
+    randomize_backbone(model, seed)
+    constant_query_scores(model)
     return model
