@@ -2,9 +2,11 @@
 
 Every family (DETR, Conditional DETR, Deformable DETR, Table Transformer, DAB-DETR, DETR for
 segmentation) x every backbone (timm ResNet-50 and -18, transformers' ResNet-50), random weights
-and random frozen-BN statistics, float32.
+and random frozen-BN statistics, float32; then DETR on timm ResNet-34, -101, a dilated (DC5)
+ResNet-50, a non-ReLU ResNet and ResNets with blocks detr_fast leaves alone.
 """
 import copy
+import re
 import warnings
 
 import pytest
@@ -231,3 +233,76 @@ def test_second_convert_changes_nothing():
     report = detr_fast.conversion_report(model)
     assert not report and report.folded == 0 and not report.skipped
     assert [type(m) for m in model.modules()] == classes
+
+
+def _timm_detr(**config) -> nn.Module:
+    """A tiny DETR on a timm backbone picked by name (the builders' `backbone` argument is the
+    test's backbone key, so these configs are spelled out here)."""
+    torch.manual_seed(0)
+    settings = {**hf_models.TINY, **FAMILIES["detr"][2], "use_pretrained_backbone": False, **config}
+    model = transformers.DetrForObjectDetection(transformers.DetrConfig(**settings)).eval()
+    hf_models.randomize_backbone(model, 0)
+    return model
+
+
+def _convs(module: nn.Module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _assert_same_predictions(model: nn.Module, expected: dict) -> None:
+    with torch.no_grad():
+        got = outputs(model, *inputs())
+    for key in expected:
+        assert _rel_err(got[key], expected[key]) <= 1e-4, key
+
+
+@pytest.mark.parametrize("config", [dict(backbone="resnet34"), dict(backbone="resnet101"), dict(dilation=True)],
+                         ids=["resnet34", "resnet101", "resnet50-dc5"])
+def test_every_resnet_depth_and_dilation_folds_completely(config):
+    model = _timm_detr(**config)
+    with torch.no_grad():
+        expected = outputs(model, *inputs())
+    convs = _convs(model.model.backbone)
+    if config.get("dilation"):  # output stride 16: the last stage really is dilated
+        assert any(c.dilation == (2, 2) for c in convs)
+    _convert_quietly(model)
+    assert detr_fast.conversion_report(model).folded == len(convs)  # every conv has its frozen BN
+    calls = []
+    for m in _frozen_bn_modules(model):
+        m.register_forward_hook(lambda *args: calls.append(1))
+    _assert_same_predictions(model, expected)
+    assert not calls, "a frozen BN still runs after conversion"
+
+
+def test_non_relu_timm_resnet_keeps_its_activation_apart_from_the_fold():
+    model = build("detr", "timm-resnet18")
+    for parent in list(model.model.backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.SiLU(inplace=True))
+    with torch.no_grad():
+        expected = outputs(model, *inputs())
+    _convert_quietly(model)
+    assert detr_fast.conversion_report(model).folded == 20
+    calls = []
+    for m in model.model.backbone.modules():
+        if isinstance(m, nn.SiLU):
+            m.register_forward_hook(lambda *args: calls.append(1))
+    _assert_same_predictions(model, expected)
+    assert len(calls) == 17  # the stem's and both of every block's: SiLU is never fused as a ReLU
+
+
+@pytest.mark.parametrize("timm_name, reason, folded", [
+    ("seresnet18", "se is SEModule, not absent", 1),  # only the stem: every block has squeeze-excitation
+    ("resnet18d", "downsample is Sequential, not Sequential(conv, frozen BN)", 10),  # avg-pool shortcuts
+], ids=["seresnet18", "resnet18d"])
+def test_blocks_it_cannot_fold_are_left_with_their_reason(timm_name, reason, folded):
+    model = _timm_detr(backbone=timm_name)
+    with torch.no_grad():
+        expected = outputs(model, *inputs())
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        detr_fast.convert(model)
+    report = detr_fast.conversion_report(model)
+    assert report.folded == folded
+    assert any(reason in why for _, why in report.skipped)
+    _assert_same_predictions(model, expected)
