@@ -28,6 +28,7 @@ from .conversion import (
 from .convert_transformers import KINDS as TRANSFORMERS_KINDS
 from .convert_upstream import KINDS as UPSTREAM_KINDS
 from .folding import count_folded
+from .validation import check_module
 
 logger = logging.getLogger("detr_fast")
 
@@ -43,7 +44,7 @@ def find_stages(model: nn.Module) -> List[Tuple[str, nn.Module, StageKind]]:
     """Every stage in ``model`` (outermost first; nothing inside a stage is a stage of its own)."""
     stages: List[Tuple[str, nn.Module, StageKind]] = []
     for name, module in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p, _, _ in stages):
+        if any(not p or name == p or name.startswith(p + ".") for p, _, _ in stages):  # "": the model itself
             continue
         kind = _kind_of(module)
         if kind is not None:
@@ -92,8 +93,7 @@ def convert(model: nn.Module) -> nn.Module:
     ``detr_fast.conversion_report(model)``; it is also logged at INFO on the "detr_fast" logger,
     and whatever was left as it was is also a UserWarning.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
     report = ConversionReport()
     stages = find_stages(model)
     done: List[Undo] = []

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .dispatch import compiling
 from .frozen_bn import FrozenBatchNorm2d
+from .validation import check_module
 
 CACHE_ATTRS = ("_detr_fast_fold_cache", "_detr_fast_packed")  # this cache, and oneDNN's packed weights
 
@@ -53,6 +54,7 @@ def _dropped() -> None:
 def clear_fold_cache(module: nn.Module) -> None:
     """Drop every cached folded (and prepacked) weight under ``module``; needed only after writes
     through ``.data``, which no version counter sees."""
+    check_module(module)
     for m in module.modules():
         for attr in CACHE_ATTRS:
             m.__dict__.pop(attr, None)
@@ -104,7 +106,9 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     cached = conv.__dict__.get(CACHE_ATTRS[0])
     if stamp is not None and cached is not None and cached.valid_for(key, tuple(sources)):
         return cached.value
-    with torch.no_grad():
+    # Outside inference mode even when called in it: a cached inference tensor could not be saved
+    # for backward by a later call with grad (e.g. a saliency map through frozen weights).
+    with torch.inference_mode(False), torch.no_grad():
         folded = _fold(conv, bn, dtype, memory_format)
     if stamp is not None:
         conv.__dict__[CACHE_ATTRS[0]] = DerivedCache(key, folded, tuple(sources))

@@ -211,7 +211,8 @@ def _residual_layer_problem(m: nn.Module) -> Optional[str]:
 
 def _residual_layer_forward(self: nn.Module, hidden_state: Tensor, owns_input: bool = False) -> Tensor:
     residual = self.shortcut(hidden_state)
-    private = owns_input if residual is hidden_state else private_output(self.shortcut)
+    # A one-unit layer's last convolution reads the block input: never write into what it reads.
+    private = (owns_input and len(self.layer) > 1) if residual is hidden_state else private_output(self.shortcut)
     for unit in self.layer[:-1]:
         hidden_state = unit(hidden_state)
     last = self.layer[-1]

@@ -2,8 +2,9 @@
 write its residual add into its own input when that input is private.
 
 A block's input is private when the previous block of the same layer produced it in this call and
-nothing else could hold it: no hook on either block (a forward hook could keep the previous
-block's output, a pre-hook the next block's input) and no global module hook. The block is then
+nothing else could hold it: no hook on either block or on any module inside them (a forward hook
+could keep the previous block's output; a pre-hook on the next block, or on a unit inside it that
+the block calls with its input, could keep that input) and no global module hook. The block is then
 called through its ``folded_forward(x, owns_input=True)``; in every other case through its normal
 ``__call__``. Without a private input a block still writes into its own downsample output (made
 in the block). The saving is the fresh output tensor per block: see onednn.py.
@@ -43,7 +44,8 @@ class FoldedSequential(nn.Sequential):
         direct_ok = not _global_hooks()
         owned = False
         for block in self:
-            direct = getattr(block, "folded_forward", None) if direct_ok and not _hooked(block) else None
+            unhooked = direct_ok and not any(_hooked(m) for m in block.modules())
+            direct = getattr(block, "folded_forward", None) if unhooked else None
             x = direct(x, owned) if direct is not None else block(x)
             owned = direct is not None
         return x

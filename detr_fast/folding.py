@@ -44,6 +44,7 @@ from .folded_torchvision import (
     block_foldable,
     stem_plan,
 )
+from .validation import check_module
 
 logger = logging.getLogger("detr_fast")
 
@@ -131,8 +132,20 @@ def _close(want: Any, got: Any) -> bool:
 
 
 def fold(module: nn.Module, channels_last: bool = True) -> FoldResult:
-    """fold_frozen_bn's work, without warnings: returns what was folded and what was not."""
+    """fold_frozen_bn's work, without warnings: returns what was folded and what was not. All or
+    nothing: interrupted by any exception (a failing probe, Ctrl-C), it undoes what it changed."""
     result = FoldResult()
+    try:
+        _fold_into(module, channels_last, result)
+    except BaseException:
+        result.undo()
+        raise
+    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems (%d conv+BN pairs)",
+                result.blocks, result.stems, result.pairs)
+    return result
+
+
+def _fold_into(module: nn.Module, channels_last: bool, result: FoldResult) -> None:
     for name, m in module.named_modules():
         where = name or type(m).__name__
         base = next((b for b in BLOCKS if type(m) in (b, BLOCKS[b])), None)
@@ -161,9 +174,6 @@ def fold(module: nn.Module, channels_last: bool = True) -> FoldResult:
             all_folded = len(m) > 0 and all(has_folded_forward(block) for block in m)
             _set_class(result, m, FoldedSequential if all_folded else nn.Sequential)
     result.pairs = count_folded(module)
-    logger.info("fold_frozen_bn: folded %d residual blocks and %d stems (%d conv+BN pairs)",
-                result.blocks, result.stems, result.pairs)
-    return result
 
 
 def _fold_by_recipe(m: nn.Module, where: str, result: FoldResult) -> None:
@@ -193,8 +203,7 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
     ``module``. Idempotent. The state_dict is unchanged. Warns about what it left unfolded, and
     when it found nothing to fold.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_module(module)
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
     # channels_last is what the tensor cores and oneDNN's fused post-ops want; it measured faster
@@ -212,6 +221,7 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
 
 def unfold_frozen_bn(module: nn.Module) -> nn.Module:
     """Undo every fold under ``module`` in place: the reference classes and forwards come back."""
+    check_module(module)
     for m in module.modules():
         if type(m) is FoldedSequential:
             m.__class__ = nn.Sequential

@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor, nn
 
+from .validation import check_eps
+
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d whose statistics and affine parameters are buffers that never change.
@@ -13,6 +15,7 @@ class FrozenBatchNorm2d(nn.Module):
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"n (number of channels) must be a positive int, got {n!r}")
+        check_eps(eps)
         self.register_buffer("weight", torch.ones(n))
         self.register_buffer("bias", torch.zeros(n))
         self.register_buffer("running_mean", torch.zeros(n))

@@ -5,8 +5,9 @@ piece of metadata: ``image_sizes``, the (height, width) of every image before pa
 int64 tensor of shape B x 2. nested_tensor_from_tensor_list fills it in. With it the kernels know
 that the mask is a top-left rectangle per image and never need to read the mask or synchronize
 with the device to find its extent. The sizes are trusted only while the mask is unchanged: the
-mask's version counter at creation is recorded, and an in-place edit of the mask disables them
-(except for inference tensors, which have no version counter).
+mask's memory and version counter at creation are recorded, and another mask put in its place or
+an in-place edit of it disables them (except for edits of inference tensors, which have no version
+counter).
 """
 from typing import Any, List, Optional, Tuple
 
@@ -21,10 +22,12 @@ class NestedTensor(object):
         self.tensors = tensors
         self.mask = mask
         self.image_sizes = image_sizes
-        # Version of the mask when image_sizes was computed; -1 when there are no sizes.
+        # Which mask image_sizes describe (its memory) and its version then; -1 when there are no sizes.
         self.mask_version: int = -1
+        self.mask_address: int = -1
         if image_sizes is not None and mask is not None:
             self.mask_version = _tensor_version(mask)
+            self.mask_address = _tensor_address(mask)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
         cast_tensor = self.tensors.to(device, non_blocking=non_blocking)
@@ -53,8 +56,8 @@ class NestedTensor(object):
         mask = self.mask
         if sizes is None or mask is None:
             return None
-        if _tensor_version(mask) != self.mask_version:
-            return None
+        if _tensor_version(mask) != self.mask_version or _tensor_address(mask) != self.mask_address:
+            return None  # edited in place, or another mask put in its place
         return sizes
 
     def __repr__(self) -> str:
@@ -84,6 +87,12 @@ def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
         return cls(tensors, mask)
     except TypeError:  # a class with another constructor: detr_fast's has the same fields
         return NestedTensor(tensors, mask, image_sizes)
+
+
+def _tensor_address(t: Tensor) -> int:
+    if torch.jit.is_scripting():
+        return 0  # not readable in TorchScript; scripted code never uses the sizes (reference path)
+    return int(t.data_ptr())
 
 
 def _tensor_version(t: Tensor) -> int:

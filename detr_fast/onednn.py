@@ -61,7 +61,11 @@ def _packed(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
     shapes: "OrderedDict[Tuple[int, ...], Tuple[Optional[bytes], Tensor]]" = holder.value
     key = tuple(x.shape)
     entry = shapes.get(key)
-    if entry is None:
+    if entry is not None:
+        with _LOCK:  # least recently used: the shape seen every call stays
+            if key in shapes:
+                shapes.move_to_end(key)
+    else:
         padding, stride, dilation, groups = _geometry(conv)
         packed = _ops()._reorder_convolution_weight(weight, padding, stride, dilation, groups, list(key))
         fmt = _format_of(packed)

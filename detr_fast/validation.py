@@ -1,10 +1,21 @@
 """Checks of user-supplied inputs, each raising a TypeError/ValueError that names the argument."""
+import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .dispatch import compiling
+
+
+def check_module(value: Any, name: str = "module") -> None:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+
+
+def check_eps(value: Any, name: str = "eps") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_nested_tensor(value: Any, name: str = "tensor_list") -> None:

@@ -8,6 +8,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 import detr_fast
 from detr_fast import ConversionReport, PositionEmbeddingSine, convert
+from detr_fast.convert import find_stages
 from detr_fast.folding import count_folded
 from tests.upstream_reference import (
     DEFORMABLE_LAYERS,
@@ -183,3 +184,9 @@ def test_nothing_to_convert_warns():
 def test_bad_argument():
     with pytest.raises(TypeError, match="model"):
         convert("detr")
+
+
+def test_a_model_that_is_a_stage_is_converted_once():
+    joiner = upstream_joiner("resnet18", DETR_DETECTION_LAYERS, seed=13)
+    assert [path for path, _, _ in find_stages(joiner)] == [""]  # not its backbone a second time
+    assert [path for path, _, _ in find_stages(nn.ModuleDict({"backbone": joiner}))] == ["backbone"]

@@ -97,3 +97,11 @@ def test_a_converted_model_copies_and_saves_after_running():
     for other in (loaded, copy.deepcopy(converted)):
         with torch.no_grad():
             _close(other(x), want, tol=1e-6)
+
+
+def test_inference_mode_gives_the_reference_features():
+    reference, converted = _bodies(DETR_SEGMENTATION_LAYERS)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():  # the parallel NCHW copies write inference tensors
+        got, want = converted(x), reference(x)
+    _close(got, want)

@@ -206,3 +206,55 @@ def test_bad_arguments():
         fold_frozen_bn("resnet50")
     with pytest.raises(TypeError, match="channels_last"):
         fold_frozen_bn(nn.Identity(), channels_last="yes")
+    with pytest.raises(TypeError, match="module"):
+        unfold_frozen_bn(None)
+    with pytest.raises(TypeError, match="module"):
+        detr_fast.clear_fold_cache(None)
+    for eps in ("1e-5", -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="eps"):
+            FrozenBatchNorm2d(4, eps=eps)
+
+
+def test_a_fold_made_under_inference_mode_serves_a_later_backward():
+    """Frozen weights, an input that requires grad (a saliency map): the fold cached by an
+    inference_mode call is reused, and autograd must be able to save it."""
+    up, ours = _pair("resnet18", seed=5)
+    x = _images(5)
+    with torch.inference_mode():
+        ours.body(x)
+    for model in (up, ours):
+        model.requires_grad_(False)
+    grads = []
+    for model in (up, ours):
+        xg = x.clone().requires_grad_(True)
+        sum(f.sum() for f in model.body(xg).values()).backward()
+        grads.append(xg.grad)
+    assert _max_rel_err(grads[1], grads[0]) <= 1e-4
+
+
+def test_an_interrupted_fold_changes_nothing(monkeypatch):
+    up, ours = _pair("resnet18", seed=6)
+    unfold_frozen_bn(ours)
+    classes = [type(m) for m in ours.modules()]
+
+    def interrupt(module):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detr_fast.folding, "count_folded", interrupt)  # the last step of a fold
+    with pytest.raises(KeyboardInterrupt):
+        fold_frozen_bn(ours)
+    assert [type(m) for m in ours.modules()] == classes
+
+
+def test_fold_again_after_editing_a_folded_block():
+    up, ours = _pair("resnet18", seed=7)
+    for model in (up, ours):
+        model.body.layer1[0].relu = nn.Identity()
+        model.body.layer2[1].conv1.padding_mode = "reflect"
+    with pytest.warns(UserWarning):
+        fold_frozen_bn(ours)  # re-checks every block: the two edited ones are unfolded
+    x = _images(7)
+    with torch.no_grad():
+        got, want = ours.body(x), up.body(x)
+    for k in want:
+        assert _max_rel_err(got[k], want[k]) <= 1e-4, k

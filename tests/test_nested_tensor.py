@@ -176,3 +176,11 @@ def test_non_tensor_elements_raise_type_error(bad):
 def test_non_list_raises_type_error():
     with pytest.raises(TypeError, match="tensor_list"):
         nested_tensor_from_tensor_list(torch.zeros(2, 3, 4, 5))
+
+
+def test_rectangular_sizes_none_after_the_mask_is_replaced():
+    nt = nested_tensor_from_tensor_list([torch.zeros(1, 4, 4), torch.zeros(1, 2, 3)])
+    other = nested_tensor_from_tensor_list([torch.zeros(1, 2, 2), torch.zeros(1, 4, 4)])
+    assert nt.mask._version == other.mask._version  # the version counter alone cannot tell them apart
+    nt.mask = other.mask
+    assert nt.rectangular_sizes() is None

@@ -306,3 +306,39 @@ def test_blocks_it_cannot_fold_are_left_with_their_reason(timm_name, reason, fol
     assert report.folded == folded
     assert any(reason in why for _, why in report.skipped)
     _assert_same_predictions(model, expected)
+
+
+def test_a_hook_inside_a_block_keeps_the_input_it_saw():
+    """transformers' residual layer calls its first conv units as modules: a pre-hook there sees the
+    block's input, which therefore must not receive the block's residual add."""
+    model = build("detr", "hf-resnet50")
+    reference = copy.deepcopy(model)
+    _convert_quietly(model)
+    seen = {}
+    for name, m in (("reference", reference), ("converted", model)):
+        stage = m.model.backbone.model.encoder.stages[0]
+        stage.layers[1].layer[0].register_forward_pre_hook(
+            lambda mod, args, name=name: seen.__setitem__(name, (args[0], args[0].clone())))
+    x = torch.randn(2, 64, 24, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for m in (reference, model):
+            m.model.backbone.model.encoder.stages[0].layers(x.contiguous(memory_format=torch.channels_last))
+    for name in seen:
+        kept, copied = seen[name]
+        assert torch.equal(kept, copied), f"{name}: the input a hook kept was overwritten"
+
+
+def test_a_one_unit_residual_layer_never_writes_into_what_it_reads():
+    model = build("detr", "hf-resnet50", backbone_config=transformers.ResNetConfig(
+        layer_type="basic", depths=[3, 1, 1, 1], hidden_sizes=[64, 128, 256, 512], out_features=["stage4"]))
+    for layer in model.model.backbone.model.encoder.stages[0].layers[1:]:  # identity shortcuts
+        layer.layer = nn.Sequential(layer.layer[1])  # its one unit: conv + BN, no activation
+    reference = copy.deepcopy(model)
+    _convert_quietly(model)
+    # Called as a layer (transformers' stage loops over its layers itself; a user may not).
+    x = torch.randn(2, 64, 24, 32, generator=torch.Generator().manual_seed(7))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = reference.model.backbone.model.encoder.stages[0].layers(x)
+        got = model.model.backbone.model.encoder.stages[0].layers(x)
+    assert _rel_err(got, want) <= 1e-5
