@@ -315,6 +315,7 @@ def _report_header(device: torch.device, dtype: str, images: Sequence[Tuple[int,
         "image_sizes": [list(hw) for hw in images],
         "reps": reps,
         "detr_fast_backend": env_backend(),
+        "allocator_settings": {k: os.environ[k] for k in ALLOCATOR_VARIABLES if k in os.environ},
         "trace": trace_path,
     }
 
@@ -445,6 +446,11 @@ def backbone_share(backbone_ms: Sequence[float], total_ms: Sequence[float]) -> D
 
 # ---------------------------------------------------------------- the report
 
+# Environment variables that change how the CPU allocator reuses memory (see the README's CPU section).
+ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF",
+                       "LD_PRELOAD")
+
+
 def notes(report: Dict) -> List[str]:
     """What a reader must know to trust (or not) the table: flagged ratios, rows that are
     the same function on both sides, times that do not add up."""
@@ -466,6 +472,14 @@ def notes(report: Dict) -> List[str]:
         lines.append(f"! the machine was busy: 1-minute load average {load:.1f} on {cpus} CPUs before the run; "
                      f"other processes compete with torch's {report.get('threads')} threads (a run that just "
                      "ended, e.g. a previous profile run back to back, counts in this average too).")
+    if report["device"] == "cpu":
+        settings = report.get("allocator_settings") or {}
+        if settings:
+            lines.append("allocator: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+        else:
+            lines.append("allocator: glibc's defaults: large tensors get fresh pages at every allocation, and those "
+                         "page faults are part of both sides' times (more of the reference's, which allocates more); "
+                         "with memory-keeping settings both run faster and the speed-up is smaller (README, CPU).")
     if report.get("model", model_zoo.JOINER) != model_zoo.JOINER:
         return lines + _model_notes(report)
     masks = rows.get("masks")

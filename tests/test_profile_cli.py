@@ -255,6 +255,10 @@ def test_table_flags_what_cannot_be_trusted():
     busy = _report(clean)
     busy["load_average"] = 3.6
     assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(profile.notes(busy))
+    # On a CPU the table says which allocator settings the times were taken under.
+    assert any(n.startswith("allocator: glibc's defaults") for n in profile.notes(busy))
+    busy["allocator_settings"] = {"MALLOC_MMAP_MAX_": "0"}
+    assert "allocator: MALLOC_MMAP_MAX_=0" in profile.notes(busy)
 
 
 def test_backbone_timer_times_the_submodule_inside_each_call():
