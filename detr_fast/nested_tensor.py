@@ -90,8 +90,12 @@ def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
 
 
 def _tensor_address(t: Tensor) -> int:
+    # Neither TorchScript nor Dynamo reads addresses; scripted code never uses the sizes (reference
+    # path) and compiled code trusts them as recorded (trusted_image_sizes).
     if torch.jit.is_scripting():
-        return 0  # not readable in TorchScript; scripted code never uses the sizes (reference path)
+        return 0
+    if compiling():
+        return 0
     return int(t.data_ptr())
 
 
