@@ -1,0 +1,47 @@
+"""The converted Joiner against the facebookresearch-style one, interleaved (issue 12's case).
+
+The upstream side is tests/upstream_reference.py's stand-in (x * scale + bias frozen BN, upstream's
+NestedTensor and padding, Deformable-DETR's sine with the -0.5 offset), the detr_fast side the same
+weights after detr_fast.convert(). Two images of 400x533 and 375x666, 2 threads, fp32, no_grad;
+pairs alternate their order. Run from the repository root:
+
+    python -m bench.compare_upstream [pairs]
+"""
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+import detr_fast
+from tests.upstream_reference import DEFORMABLE_LAYERS, DETR_DETECTION_LAYERS, upstream_joiner, upstream_pad
+
+
+def main(pairs: int = 12) -> None:
+    torch.set_num_threads(2)
+    for name, layers in (("layers2-4", DEFORMABLE_LAYERS), ("layer4", DETR_DETECTION_LAYERS)):
+        upstream = upstream_joiner("resnet50", layers, seed=0).eval()
+        converted = detr_fast.convert(copy.deepcopy(upstream))
+        gen = torch.Generator().manual_seed(0)
+        images = [torch.randn(3, 400, 533, generator=gen), torch.randn(3, 375, 666, generator=gen)]
+        sides = {"upstream": lambda: upstream(upstream_pad(images)),
+                 "detr_fast": lambda: converted(detr_fast.nested_tensor_from_tensor_list(images))}
+        times = {side: [] for side in sides}
+        with torch.no_grad():
+            for run in list(sides.values()) * 2:  # warm-up
+                run()
+            for r in range(pairs):
+                for side in (("upstream", "detr_fast") if r % 2 == 0 else ("detr_fast", "upstream")):
+                    start = time.perf_counter()
+                    sides[side]()
+                    times[side].append(time.perf_counter() - start)
+        ratios = sorted(u / f for u, f in zip(times["upstream"], times["detr_fast"]))
+        quantile = lambda q: ratios[int(q * (len(ratios) - 1))]  # noqa: E731
+        print(f"{name}: upstream {statistics.median(times['upstream']) * 1e3:.0f} ms, detr_fast "
+              f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, speed-up median {statistics.median(ratios):.2f}x "
+              f"(p25 {quantile(0.25):.2f}, p75 {quantile(0.75):.2f}), pairs {len(ratios)}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)
