@@ -5,9 +5,9 @@ piece of metadata: ``image_sizes``, the (height, width) of every image before pa
 int64 tensor of shape B x 2. nested_tensor_from_tensor_list fills it in. With it the kernels know
 that the mask is a top-left rectangle per image and never need to read the mask or synchronize
 with the device to find its extent. The sizes are trusted only while the mask is unchanged: the
-mask's memory and version counter at creation are recorded, and another mask put in its place or
-an in-place edit of it disables them (except for edits of inference tensors, which have no version
-counter).
+mask's memory, shape, strides and version counter at creation are recorded, and another mask (or
+a view of it) put in its place or an in-place edit of it disables them (except for edits of
+inference tensors, which have no version counter).
 """
 from typing import Any, List, Optional, Tuple
 
@@ -22,12 +22,13 @@ class NestedTensor(object):
         self.tensors = tensors
         self.mask = mask
         self.image_sizes = image_sizes
-        # Which mask image_sizes describe (its memory) and its version then; -1 when there are no sizes.
+        # Which mask image_sizes describe (its memory, shape and strides) and its version then; -1 and
+        # [] when there are no sizes.
         self.mask_version: int = -1
-        self.mask_address: int = -1
+        self.mask_identity: List[int] = []
         if image_sizes is not None and mask is not None:
             self.mask_version = _tensor_version(mask)
-            self.mask_address = _tensor_address(mask)
+            self.mask_identity = _tensor_identity(mask)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
         cast_tensor = self.tensors.to(device, non_blocking=non_blocking)
@@ -56,8 +57,8 @@ class NestedTensor(object):
         mask = self.mask
         if sizes is None or mask is None:
             return None
-        if _tensor_version(mask) != self.mask_version or _tensor_address(mask) != self.mask_address:
-            return None  # edited in place, or another mask put in its place
+        if _tensor_version(mask) != self.mask_version or _tensor_identity(mask) != self.mask_identity:
+            return None  # edited in place, or another mask (or a view of it) put in its place
         return sizes
 
     def __repr__(self) -> str:
@@ -89,14 +90,15 @@ def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
         return NestedTensor(tensors, mask, image_sizes)
 
 
-def _tensor_address(t: Tensor) -> int:
+def _tensor_identity(t: Tensor) -> List[int]:
+    """Address, shape and strides: a mask put in the place of another differs in one of them."""
     # Neither TorchScript nor Dynamo reads addresses; scripted code never uses the sizes (reference
     # path) and compiled code trusts them as recorded (trusted_image_sizes).
     if torch.jit.is_scripting():
-        return 0
+        return []
     if compiling():
-        return 0
-    return int(t.data_ptr())
+        return []
+    return [int(t.data_ptr())] + list(t.shape) + list(t.stride())
 
 
 def _tensor_version(t: Tensor) -> int:

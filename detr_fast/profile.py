@@ -447,8 +447,8 @@ def backbone_share(backbone_ms: Sequence[float], total_ms: Sequence[float]) -> D
 # ---------------------------------------------------------------- the report
 
 # Environment variables that change how the CPU allocator reuses memory (see the README's CPU section).
-ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF",
-                       "LD_PRELOAD")
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "MALLOC_CONF", "LD_PRELOAD")
 
 
 def notes(report: Dict) -> List[str]:

@@ -102,6 +102,25 @@ def test_a_converted_model_copies_and_saves_after_running():
 def test_inference_mode_gives_the_reference_features():
     reference, converted = _bodies(DETR_SEGMENTATION_LAYERS)
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():  # the parallel NCHW copies write inference tensors
-        got, want = converted(x), reference(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the NCHW copies run on parallel threads only with two or more
+    try:
+        with torch.inference_mode():  # the pool's threads write inference tensors
+            got, want = converted(x), reference(x)
+    finally:
+        torch.set_num_threads(threads)
     _close(got, want)
+
+
+def test_the_shape_used_at_every_call_keeps_its_packed_weight():
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    weight = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    every_call = torch.empty(1, 8, 10, 10)
+    others = [torch.empty(1, 8, 10 + k, 10) for k in range(1, onednn.MAX_SHAPES + 1)]
+    onednn._packed(conv, weight, every_call)
+    cache = conv.__dict__[CACHE_ATTRS[1]].value
+    for other in others:  # more shapes than the cache holds, the first one used in between
+        onednn._packed(conv, weight, other)
+        assert tuple(every_call.shape) in cache
+        onednn._packed(conv, weight, every_call)
+    assert len(cache) == onednn.MAX_SHAPES and tuple(others[0].shape) not in cache  # the least recently used

@@ -184,3 +184,10 @@ def test_rectangular_sizes_none_after_the_mask_is_replaced():
     assert nt.mask._version == other.mask._version  # the version counter alone cannot tell them apart
     nt.mask = other.mask
     assert nt.rectangular_sizes() is None
+    # A view of the same memory (same address and version) is another mask too.
+    nt = nested_tensor_from_tensor_list([torch.zeros(1, 4, 6), torch.zeros(1, 2, 3)])
+    nt.mask = nt.mask[:, :3, :5]
+    assert nt.rectangular_sizes() is None
+    square = nested_tensor_from_tensor_list([torch.zeros(1, 5, 5), torch.zeros(1, 2, 3)])
+    square.mask = square.mask.transpose(1, 2)
+    assert square.rectangular_sizes() is None
