@@ -30,6 +30,13 @@ class NestedTensor(object):
             self.mask_version = _tensor_version(mask)
             self.mask_identity = _tensor_identity(mask)
 
+    @torch.jit.unused
+    def __reduce__(self) -> Tuple[Any, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+        # Pickled (e.g. from a DataLoader worker), the mask arrives as a new tensor with another
+        # address and version: the sizes travel only if they describe the mask now, and are then
+        # recorded against the new mask.
+        return NestedTensor, (self.tensors, self.mask, self.rectangular_sizes())
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
         cast_tensor = self.tensors.to(device, non_blocking=non_blocking)
         mask = self.mask

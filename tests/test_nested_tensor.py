@@ -1,4 +1,6 @@
 """NestedTensor and nested_tensor_from_tensor_list: padding values, mask, metadata and bad input."""
+import pickle
+
 import pytest
 import torch
 
@@ -191,3 +193,12 @@ def test_rectangular_sizes_none_after_the_mask_is_replaced():
     square = nested_tensor_from_tensor_list([torch.zeros(1, 5, 5), torch.zeros(1, 2, 3)])
     square.mask = square.mask.transpose(1, 2)
     assert square.rectangular_sizes() is None
+
+
+def test_sizes_survive_pickling_only_while_they_describe_the_mask():
+    """A DataLoader worker pickles its batches: the mask arrives as a new tensor."""
+    nt = nested_tensor_from_tensor_list([torch.zeros(1, 4, 6), torch.zeros(1, 2, 3)])
+    back = pickle.loads(pickle.dumps(nt))
+    assert torch.equal(back.mask, nt.mask) and back.rectangular_sizes().tolist() == [[4, 6], [2, 3]]
+    nt.mask[1, 3, 5] = False  # no longer what the sizes say
+    assert pickle.loads(pickle.dumps(nt)).rectangular_sizes() is None
