@@ -48,10 +48,10 @@ class Unavailable(Exception):
 
 # ---------------------------------------------------------------- the configurations
 
-# Small transformer heads for tiny=True (a few ms per forward at the tests' sizes).
+# Small transformer heads for tiny=True (a few ms per forward at the tests' sizes; the tests use them too).
 _TINY_DETR_HEAD = dict(encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64,
                        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, d_model=64)
-_TINY_REALTIME_HEAD = dict(encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_attention_heads=4, encoder_layers=1,
+TINY_REALTIME_HEAD = dict(encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_attention_heads=4, encoder_layers=1,
                            d_model=64, decoder_ffn_dim=128, decoder_attention_heads=4, decoder_layers=2,
                            num_queries=20, num_denoising=0, num_labels=5, decoder_in_channels=[64, 64, 64])
 
@@ -69,29 +69,38 @@ def _deformable_config(t: Any, tiny: bool) -> Any:
                                   **dict(_TINY_DETR_HEAD, decoder_layers=2, encoder_n_points=2, decoder_n_points=2))
 
 
-def _rtdetr_config(t: Any, tiny: bool) -> Any:
-    if not tiny:
-        return t.RTDetrConfig()
-    backbone = t.RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
-                                    out_indices=[2, 3, 4])
-    return t.RTDetrConfig(backbone_config=backbone, encoder_in_channels=[128, 256, 512], hidden_expansion=0.5,
-                          **_TINY_REALTIME_HEAD)
-
-
-def _dfine_config(t: Any, tiny: bool) -> Any:
-    if not tiny:
-        return t.DFineConfig()
-    # HGNetV2-B0 (D-FINE-N's backbone), with its learnable affine blocks, levels 2-4.
-    backbone = t.HGNetV2Config(
+def _hgnetv2_b0_config(t: Any) -> Any:
+    """HGNetV2-B0 (D-FINE-N/S's backbone), with its learnable affine blocks, levels 2-4."""
+    return t.HGNetV2Config(
         hidden_sizes=[128, 256, 512, 1024], embedding_size=32, stem_channels=[3, 16, 16],
         stage_in_channels=[16, 64, 256, 512], stage_mid_channels=[16, 32, 64, 128],
         stage_out_channels=[64, 256, 512, 1024], stage_num_blocks=[1, 1, 2, 1],
         stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
         stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[3, 3, 3, 3], use_learnable_affine_block=True,
         out_indices=[2, 3, 4])
-    return t.DFineConfig(backbone_config=backbone, encoder_in_channels=[256, 512, 1024], feat_strides=[8, 16, 32],
-                         num_feature_levels=3, decoder_n_points=[4, 4, 4], encode_proj_layers=[2], depth_mult=0.34,
-                         hidden_expansion=0.5, **_TINY_REALTIME_HEAD)
+
+
+def tiny_realtime_settings(t: Any, name: str) -> Dict[str, Any]:
+    """The config keywords of a tiny real-time DETR (the tests build these too): "rtdetr" on
+    ResNet-18-vd, "dfine" on HGNetV2-B0, both with a small head."""
+    if name == "rtdetr":
+        backbone = t.RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+                                        out_indices=[2, 3, 4])
+        return dict(TINY_REALTIME_HEAD, backbone_config=backbone, encoder_in_channels=[128, 256, 512],
+                    hidden_expansion=0.5)
+    if name == "dfine":
+        return dict(TINY_REALTIME_HEAD, backbone_config=_hgnetv2_b0_config(t), encoder_in_channels=[256, 512, 1024],
+                    feat_strides=[8, 16, 32], num_feature_levels=3, decoder_n_points=[4, 4, 4], encode_proj_layers=[2],
+                    depth_mult=0.34, hidden_expansion=0.5)
+    raise ValueError(f"no tiny configuration of {name!r}")
+
+
+def _rtdetr_config(t: Any, tiny: bool) -> Any:
+    return t.RTDetrConfig(**tiny_realtime_settings(t, "rtdetr")) if tiny else t.RTDetrConfig()
+
+
+def _dfine_config(t: Any, tiny: bool) -> Any:
+    return t.DFineConfig(**tiny_realtime_settings(t, "dfine")) if tiny else t.DFineConfig()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr_fast.model_zoo import constant_query_scores, randomize_backbone
+from detr_fast.model_zoo import TINY_REALTIME_HEAD, constant_query_scores, randomize_backbone, tiny_realtime_settings
 
 transformers = pytest.importorskip("transformers", reason="the transformers tests need the 'hf' extra")
 pytest.importorskip("timm", reason="the transformers tests need the 'hf' extra (timm)")
@@ -76,37 +76,16 @@ def outputs(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tens
 
 # ---------------------------------------------------------------- the real-time DETRs
 
-_REALTIME_HEAD = dict(encoder_hidden_dim=64, encoder_ffn_dim=128, encoder_attention_heads=4, encoder_layers=1,
-                      d_model=64, decoder_ffn_dim=128, decoder_attention_heads=4, decoder_layers=2, num_queries=20,
-                      num_denoising=0, num_labels=5)
-
-
-def _hgnetv2_b0():
-    """D-FINE's smallest backbone (HGNetV2-B0, as D-FINE-N/S use it), levels 2-4."""
-    return transformers.HGNetV2Config(
-        hidden_sizes=[128, 256, 512, 1024], embedding_size=32, stem_channels=[3, 16, 16],
-        stage_in_channels=[16, 64, 256, 512], stage_mid_channels=[16, 32, 64, 128],
-        stage_out_channels=[64, 256, 512, 1024], stage_num_blocks=[1, 1, 2, 1],
-        stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
-        stage_kernel_size=[3, 3, 5, 5], stage_numb_of_layers=[3, 3, 3, 3], use_learnable_affine_block=True,
-        out_indices=[2, 3, 4])
-
-
 def realtime_config(name: str, **overrides):
     t = transformers
-    kwargs = dict(_REALTIME_HEAD, decoder_in_channels=[64, 64, 64])
-    if name == "rtdetr-r50":
-        kwargs.update(backbone_config=t.RTDetrResNetConfig(out_indices=[2, 3, 4]),
-                      encoder_in_channels=[512, 1024, 2048])
-    elif name == "rtdetr-r18":
-        kwargs.update(backbone_config=t.RTDetrResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
-                                                           hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4]),
-                      encoder_in_channels=[128, 256, 512], hidden_expansion=0.5)
-    elif name == "dfine":
-        kwargs.update(backbone_config=_hgnetv2_b0(), encoder_in_channels=[256, 512, 1024], feat_strides=[8, 16, 32],
-                      num_feature_levels=3, decoder_n_points=[4, 4, 4], encode_proj_layers=[2], depth_mult=0.34,
-                      hidden_expansion=0.5)
-    elif name != "rtdetr-v2":
+    if name in ("rtdetr-r18", "dfine"):  # the model zoo's tiny configurations
+        kwargs = tiny_realtime_settings(t, name.split("-")[0])
+    elif name in ("rtdetr-r50", "rtdetr-v2"):
+        kwargs = dict(TINY_REALTIME_HEAD)
+        if name == "rtdetr-r50":
+            kwargs.update(backbone_config=t.RTDetrResNetConfig(out_indices=[2, 3, 4]),
+                          encoder_in_channels=[512, 1024, 2048])
+    else:
         raise ValueError(f"unknown real-time DETR {name!r}")
     kwargs.update(overrides)
     config_class = {"rtdetr-v2": t.RTDetrV2Config, "dfine": t.DFineConfig}.get(name, t.RTDetrConfig)
