@@ -22,13 +22,10 @@ class NestedTensor(object):
         self.tensors = tensors
         self.mask = mask
         self.image_sizes = image_sizes
-        # Which mask image_sizes describe (its memory, shape and strides) and its version then; -1 and
-        # [] when there are no sizes.
-        self.mask_version: int = -1
-        self.mask_identity: List[int] = []
+        # Which mask image_sizes describe, as it was then (_mask_stamp); [] when there are no sizes.
+        self.mask_stamp: List[int] = []
         if image_sizes is not None and mask is not None:
-            self.mask_version = _tensor_version(mask)
-            self.mask_identity = _tensor_identity(mask)
+            self.mask_stamp = _mask_stamp(mask)
 
     @torch.jit.unused
     def __reduce__(self) -> Tuple[Any, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
@@ -64,7 +61,7 @@ class NestedTensor(object):
         mask = self.mask
         if sizes is None or mask is None:
             return None
-        if _tensor_version(mask) != self.mask_version or _tensor_identity(mask) != self.mask_identity:
+        if _mask_stamp(mask) != self.mask_stamp:
             return None  # edited in place, or another mask (or a view of it) put in its place
         return sizes
 
@@ -97,27 +94,20 @@ def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
         return NestedTensor(tensors, mask, image_sizes)
 
 
-def _tensor_identity(t: Tensor) -> List[int]:
-    """Address, shape and strides: a mask put in the place of another differs in one of them."""
-    # Neither TorchScript nor Dynamo reads addresses; scripted code never uses the sizes (reference
-    # path) and compiled code trusts them as recorded (trusted_image_sizes).
+def _mask_stamp(t: Tensor) -> List[int]:
+    """Version counter, address, shape and strides: an in-place edit changes the first, a mask (or
+    a view of it) put in the place of another one of the others."""
+    # Neither TorchScript nor Dynamo reads versions or addresses (a graph break): scripted code
+    # never uses the sizes (reference path) and compiled code trusts them as recorded
+    # (trusted_image_sizes).
     if torch.jit.is_scripting():
         return []
     if compiling():
         return []
-    return [int(t.data_ptr())] + list(t.shape) + list(t.stride())
-
-
-def _tensor_version(t: Tensor) -> int:
     # Inference tensors keep no version counter: under torch.inference_mode an in-place edit of
     # the mask after padding cannot be detected (documented in the README).
-    if torch.jit.is_scripting():
-        return 0
-    if compiling() or t.is_inference():
-        # torch.compile cannot trace the version counter (a graph break): compiled code trusts
-        # image_sizes as recorded.
-        return 0
-    return int(t._version)
+    version = 0 if t.is_inference() else int(t._version)
+    return [version, int(t.data_ptr())] + list(t.shape) + list(t.stride())
 
 
 def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
