@@ -188,9 +188,9 @@ def _fold_by_recipe(m: nn.Module, where: str, result: FoldResult) -> None:
         result.skipped.append((where, problem))
         return
     _set_class(result, m, folded_class(base_class(m), recipe))
-    if recipe.name == "timm_feature_net":
+    if recipe.kind == "stem":
         result.stems += 1
-    elif recipe.name != "conv_unit":
+    elif recipe.kind == "block":
         result.blocks += 1
 
 

@@ -114,3 +114,59 @@ def test_training_gradients_as_accurate_as_transformers():
         err_ours = float((ours[k] - want[k]).abs().max() / scale)
         err_theirs = float((theirs[k] - want[k]).abs().max() / scale)
         assert err_ours <= max(4 * err_theirs, 1e-5), (k, err_ours, err_theirs)
+
+
+# ---------------------------------------------------------------- HGNetV2's stem
+
+def test_max_pool_by_two_maxima_equals_max_pool2d_with_ties_and_nan():
+    from detr_fast.fold_recipes import _max_pool_2x2_stride_1
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(-2, 3, (2, 5, 9, 8), generator=gen).float()  # many ties
+    x[0, 1, 3, 4] = float("nan")
+    x = x.to(memory_format=torch.channels_last)
+    want = torch.nn.functional.max_pool2d(x, 2, stride=1, ceil_mode=True)
+    torch.testing.assert_close(_max_pool_2x2_stride_1(x), want, rtol=0, atol=0, equal_nan=True)
+
+
+def _count_pool_calls(monkeypatch):
+    calls = []
+    pool_forward = torch.nn.MaxPool2d.forward
+    monkeypatch.setattr(torch.nn.MaxPool2d, "forward", lambda self, x: calls.append(1) or pool_forward(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 45, 77), (2, 3, 32, 33)])
+def test_hgnet_stem_without_its_pool_matches_transformers(monkeypatch, shape):
+    model = build_realtime("dfine")
+    reference = copy.deepcopy(model.model.backbone.model.embedder)
+    detr_fast.convert(model)
+    stem = model.model.backbone.model.embedder
+    pixel_values = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    calls = _count_pool_calls(monkeypatch)
+    with torch.no_grad():
+        got = stem(pixel_values)
+        assert not calls, "the max pool (and its int64 indices) still runs"
+        want = reference(pixel_values)
+    assert got.shape == want.shape and _rel_err(got, want) <= 1e-5
+
+
+def test_hgnet_stem_keeps_its_pool_for_backward_and_hooks(monkeypatch):
+    model = build_realtime("dfine")
+    detr_fast.convert(model)
+    stem = model.model.backbone.model.embedder
+    pixel_values = torch.randn(1, 3, 32, 32)
+    calls = _count_pool_calls(monkeypatch)
+    stem(pixel_values).sum().backward()  # the pool's own gradient: to one maximum of a tie
+    assert len(calls) == 1
+    seen = []
+    stem.pool.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        stem(pixel_values)
+    assert len(calls) == 2 and len(seen) == 1
+
+
+def test_hgnet_stem_with_a_channel_mismatch_raises():
+    model = build_realtime("dfine")
+    detr_fast.convert(model)
+    with pytest.raises(ValueError, match="channel"):  # as transformers raises
+        model.model.backbone.model.embedder(torch.randn(1, 4, 32, 32))
