@@ -24,7 +24,7 @@ from .class_swap import register_variant, swapped_class, variant_of
 from .folded_sequential import private_output
 from .folded_torchvision import shortcut
 from .frozen_bn import FrozenBatchNorm2d
-from .fused_conv import conv_bn, foldable
+from .fused_conv import conv_bn, conv_bn_pieces, foldable
 
 
 @dataclass(frozen=True)
@@ -183,10 +183,19 @@ def _is_conv_unit(m: nn.Module) -> bool:
             and isinstance(m.convolution, nn.Conv2d))
 
 
-def _conv_unit_forward(self: nn.Module, x: Tensor) -> Tensor:
-    y = _conv_act(x, self.convolution, self.normalization, getattr(self, "activation", None))
-    lab = getattr(self, "lab", None)
+def _conv_unit_on_pieces(unit: nn.Module, pieces: List[Tensor]) -> Tensor:
+    """A folded conv unit applied to torch.cat(pieces, dim=1) (see conv_bn_pieces)."""
+    act = getattr(unit, "activation", None)
+    relu = type(act) is nn.ReLU
+    y = conv_bn_pieces(pieces, unit.convolution, unit.normalization, relu=relu)
+    if not relu and not _is_identity(act):
+        y = act(y)
+    lab = getattr(unit, "lab", None)
     return y if _is_identity(lab) else lab(y)
+
+
+def _conv_unit_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return _conv_unit_on_pieces(self, [x])
 
 
 CONV_UNIT = Recipe(
@@ -283,7 +292,15 @@ def _hgnet_stem_forward(self: nn.Module, pixel_values: Tensor) -> Tensor:
     # not split between the ties); with a hook on the pool, the pool itself.
     use_pool = (torch.is_grad_enabled() and embedding.requires_grad) or not private_output(self.pool)
     pooled = self.pool(embedding) if use_pool else _max_pool_2x2_stride_1(embedding)
-    return self.stem4(self.stem3(torch.cat([pooled, branch], dim=1)))
+    return self.stem4(_unit_on_concatenation(self.stem3, [pooled, branch]))
+
+
+def _unit_on_concatenation(unit: nn.Module, pieces: List[Tensor]) -> Tensor:
+    """``unit(torch.cat(pieces, dim=1))``; the unit's computation on the pieces (no concatenation
+    when it would be large, see conv_bn_pieces) unless a hook would see its input."""
+    if private_output(unit):
+        return _conv_unit_on_pieces(unit, pieces)
+    return unit(torch.cat(pieces, dim=1))
 
 
 HGNET_STEM = Recipe(
@@ -296,7 +313,55 @@ HGNET_STEM = Recipe(
     kind="stem",
 )
 
-RECIPES = (TIMM_BOTTLENECK, TIMM_BASIC, TIMM_FEATURE_NET, RESIDUAL_LAYER, HGNET_STEM, CONV_UNIT)
+# ---------------------------------------------------------------- HGNetV2's basic layer
+# transformers' HGNetV2BasicLayer: its conv units in a chain, then all their outputs and its input
+# concatenated into the aggregation's squeeze (1x1) and excitation units, then the residual add.
+# Its conv units fold as CONV_UNIT; the recipe runs the squeeze on the pieces, without the
+# concatenation where it would be large (at 640x640, the first stage's 34 MB: measured ~12% of the
+# converted D-FINE backbone).
+
+def _is_hgnet_layer(m: nn.Module) -> bool:
+    layers, aggregation = getattr(m, "layers", None), getattr(m, "aggregation", None)
+    return (isinstance(layers, nn.ModuleList) and len(layers) > 0
+            and any(isinstance(c, nn.Conv2d) for c in layers[0].modules())
+            and isinstance(aggregation, nn.Sequential) and len(aggregation) == 2
+            and all(_is_conv_unit(u) for u in aggregation)
+            and isinstance(getattr(m, "residual", None), bool) and isinstance(getattr(m, "drop_path", None), nn.Module))
+
+
+def _hgnet_layer_problem(m: nn.Module) -> Optional[str]:
+    for i, unit in enumerate(m.aggregation):
+        problem = _pair_problem(unit.convolution, unit.normalization, f"aggregation.{i}")
+        if problem:
+            return problem
+    return None
+
+
+def _hgnet_layer_forward(self: nn.Module, hidden_state: Tensor) -> Tensor:
+    identity = hidden_state
+    outputs = [hidden_state]
+    for layer in self.layers:
+        hidden_state = layer(hidden_state)
+        outputs.append(hidden_state)
+    if private_output(self.aggregation):
+        hidden_state = self.aggregation[1](_conv_unit_on_pieces(self.aggregation[0], outputs))
+    else:
+        hidden_state = self.aggregation(torch.cat(outputs, dim=1))
+    if self.residual:
+        hidden_state = self.drop_path(hidden_state) + identity
+    return hidden_state
+
+
+HGNET_LAYER = Recipe(
+    "hgnet_layer",
+    matches=_is_hgnet_layer,
+    why_not=_hgnet_layer_problem,
+    folded_convs=lambda m: [],  # its conv units fold as CONV_UNIT
+    in_channels=lambda m: next(c for c in m.layers[0].modules() if isinstance(c, nn.Conv2d)).in_channels,
+    methods={"forward": _hgnet_layer_forward},
+)
+
+RECIPES = (TIMM_BOTTLENECK, TIMM_BASIC, TIMM_FEATURE_NET, RESIDUAL_LAYER, HGNET_STEM, HGNET_LAYER, CONV_UNIT)
 _BY_VARIANT = {register_variant(f"folded {r.name}", r.methods): r for r in RECIPES}
 
 

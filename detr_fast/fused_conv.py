@@ -15,7 +15,7 @@ random problem; if it is missing, raises or disagrees, the unfused folded convol
 (and a warning says so once). Elsewhere the folded convolution runs as F.conv2d.
 """
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,12 @@ from .dispatch import compiling, exporting
 from .fold_cache import clear_fold_cache, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
 
-__all__ = ["clear_fold_cache", "conv_bn", "foldable", "folded_weight_and_bias", "memory_format_of"]
+__all__ = ["clear_fold_cache", "conv_bn", "conv_bn_pieces", "foldable", "folded_weight_and_bias", "memory_format_of"]
+
+# glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with fresh pages, one
+# page fault per 4 KiB, at every call: a concatenation that large costs more than convolving its
+# pieces one by one into one output (README "CPU": HGNetV2's first stage at 640x640).
+FRESH_PAGES_BYTES = 32 * 2**20
 
 # (device type, dtype, memory format, epilogue) -> whether the fused op is usable there.
 _FUSED_OK: Dict[Tuple[str, torch.dtype, torch.memory_format, str], bool] = {}
@@ -197,3 +202,26 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
     if relu and _fused_supported(x.device, weight.dtype, memory_format, "relu" if residual is None else "add_relu"):
         return _fused_call(xin, weight, bias, conv, z)
     return _unfused(x, weight, bias, conv, relu, residual)
+
+
+def conv_bn_pieces(pieces: Sequence[Tensor], conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = False) -> Tensor:
+    """``conv_bn(torch.cat(pieces, dim=1), conv, bn, relu)``. On CPU, for inference, when that
+    concatenation would take FRESH_PAGES_BYTES or more, computed from the pieces without it
+    (onednn.conv_pieces: a convolution per piece, accumulated into one output)."""
+    if _pieces_path_applies(pieces, conv):
+        weight, bias = folded_weight_and_bias(conv, bn, None, torch.channels_last)
+        if not (torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in pieces))):
+            return onednn.conv_pieces(pieces, weight, bias, conv, relu)
+    return conv_bn(pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1), conv, bn, relu=relu)
+
+
+def _pieces_path_applies(pieces: Sequence[Tensor], conv: nn.Conv2d) -> bool:
+    first = pieces[0]
+    dtype = conv.weight.dtype
+    return (len(pieces) > 1 and conv.groups == 1 and not isinstance(conv.padding, str)
+            and sum(p.numel() for p in pieces) * first.element_size() >= FRESH_PAGES_BYTES
+            and all(p.device.type == "cpu" and p.dtype == dtype and p.dim() == 4
+                    and p.shape[:1] + p.shape[2:] == first.shape[:1] + first.shape[2:]
+                    and _conv_format(p) == torch.channels_last for p in pieces)
+            and autocast_dtype("cpu") is None and not (compiling() or exporting())
+            and onednn.usable(dtype, "packed"))

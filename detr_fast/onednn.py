@@ -22,7 +22,7 @@ raises or disagrees, the caller falls back (fused_conv.py).
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,10 @@ def _ops():
     return getattr(torch.ops, "mkldnn", None)
 
 
-def _geometry(conv: nn.Conv2d) -> Tuple[List[int], List[int], List[int], int]:
+Geometry = Tuple[List[int], List[int], List[int], int]  # padding, stride, dilation, groups
+
+
+def _geometry(conv: nn.Conv2d) -> Geometry:
     return [int(p) for p in conv.padding], list(conv.stride), list(conv.dilation), conv.groups
 
 
@@ -52,30 +55,57 @@ def _format_of(packed: Tensor) -> Optional[bytes]:
         return None
 
 
-def _packed(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
-    """``weight`` (the folded dense weight) packed for ``x``'s shape."""
+def _shape_cache(conv: nn.Conv2d, weight: Tensor) -> "OrderedDict[tuple, Tuple[Optional[bytes], Any]]":
+    """The conv's packed weights by input shape, valid for the folded dense ``weight`` only."""
     holder = conv.__dict__.get(_PACKED_ATTR)
     if holder is None or not holder.valid_for(None, (weight,)):
         holder = DerivedCache(None, OrderedDict(), (weight,))
         conv.__dict__[_PACKED_ATTR] = holder
-    shapes: "OrderedDict[Tuple[int, ...], Tuple[Optional[bytes], Tensor]]" = holder.value
-    key = tuple(x.shape)
+    return holder.value
+
+
+def _cached(conv: nn.Conv2d, weight: Tensor, key: tuple, pack: Callable[[], Tuple[Optional[bytes], Any]]) -> Any:
+    """The entry for ``key`` (made by ``pack`` when missing): a small LRU of input shapes per conv."""
+    shapes = _shape_cache(conv, weight)
     entry = shapes.get(key)
     if entry is not None:
         with _LOCK:  # least recently used: the shape seen every call stays
             if key in shapes:
                 shapes.move_to_end(key)
-    else:
-        padding, stride, dilation, groups = _geometry(conv)
-        packed = _ops()._reorder_convolution_weight(weight, padding, stride, dilation, groups, list(key))
-        fmt = _format_of(packed)
-        with _LOCK:
-            # Another shape wanting the same blocked format shares its tensor (memory: weights x formats).
-            packed = next((p for f, p in shapes.values() if fmt is not None and f == fmt), packed)
-            entry = shapes[key] = (fmt, packed)
-            while len(shapes) > MAX_SHAPES:
-                shapes.popitem(last=False)
-    return entry[1]
+        return entry[1]
+    fmt, packed = pack()
+    with _LOCK:
+        # Another shape wanting the same blocked format shares its tensor (memory: weights x formats).
+        packed = next((p for f, p in shapes.values() if fmt is not None and f == fmt), packed)
+        shapes[key] = (fmt, packed)
+        while len(shapes) > MAX_SHAPES:
+            shapes.popitem(last=False)
+    return packed
+
+
+def _pack(conv: nn.Conv2d, weight: Tensor, input_shape: List[int]) -> Tensor:
+    padding, stride, dilation, groups = _geometry(conv)
+    return _ops()._reorder_convolution_weight(weight, padding, stride, dilation, groups, input_shape)
+
+
+def _packed(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
+    """``weight`` (the folded dense weight) packed for ``x``'s shape."""
+    def pack() -> Tuple[Optional[bytes], Tensor]:
+        packed = _pack(conv, weight, list(x.shape))
+        return _format_of(packed), packed
+    return _cached(conv, weight, tuple(x.shape), pack)
+
+
+def _packed_pieces(conv: nn.Conv2d, weight: Tensor, pieces: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``weight``'s input-channel slices, one per piece of the (concatenated) input, each packed
+    for its piece's shape."""
+    def pack() -> Tuple[None, Tuple[Tensor, ...]]:
+        bounds = [0]
+        for x in pieces:
+            bounds.append(bounds[-1] + x.shape[1])
+        return None, tuple(_pack(conv, weight[:, a:b].contiguous(memory_format=torch.channels_last), list(x.shape))
+                           for a, b, x in zip(bounds, bounds[1:], pieces))
+    return _cached(conv, weight, ("pieces",) + tuple(tuple(x.shape) for x in pieces), pack)
 
 
 def conv(x: Tensor, weight: Tensor, bias: Tensor, module: nn.Conv2d, relu: bool, residual: Optional[Tensor],
@@ -86,8 +116,21 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor, module: nn.Conv2d, relu: bool,
     return _run(x, w, bias, _geometry(module), relu, residual, reuse_residual)
 
 
-def _run(x: Tensor, w: Tensor, bias: Tensor, geometry: Tuple[List[int], List[int], List[int], int], relu: bool,
-         residual: Optional[Tensor], reuse_residual: bool) -> Tensor:
+def conv_pieces(pieces: Sequence[Tensor], weight: Tensor, bias: Tensor, module: nn.Conv2d, relu: bool) -> Tensor:
+    """relu?(conv(torch.cat(pieces, 1)) + bias) without the concatenation: the convolution is linear
+    in its input channels, so each piece is convolved with its slice of the weight, accumulated in
+    place into one output (oneDNN's sum post-op), the ReLU in the last. ``pieces`` and ``weight``
+    channels_last, of one dtype; groups 1; packed weights usable (``usable(dtype, "packed")``)."""
+    packed = _packed_pieces(module, weight, pieces)
+    geometry = _geometry(module)
+    out = _run(pieces[0], packed[0], bias, geometry, relu and len(pieces) == 1, None, False)
+    for i in range(1, len(pieces)):
+        out = _run(pieces[i], packed[i], None, geometry, relu and i == len(pieces) - 1, out, True)
+    return out
+
+
+def _run(x: Tensor, w: Tensor, bias: Optional[Tensor], geometry: Geometry, relu: bool, residual: Optional[Tensor],
+         reuse_residual: bool) -> Tensor:
     ops = _ops()
     padding, stride, dilation, groups = geometry
     if residual is None:
@@ -125,13 +168,15 @@ def _check(dtype: torch.dtype, weights: str) -> bool:
     reason = "its result disagrees with F.conv2d"
     ok = True
     try:
-        for groups, relu, with_residual, reuse in ((1, True, False, False), (1, False, False, False),
-                                                   (8, True, False, False), (1, True, True, False),
-                                                   (1, False, True, True), (1, True, True, True)):
+        # (groups, relu, residual, written in place, bias): every way conv()/conv_pieces() call _run.
+        for groups, relu, with_residual, reuse, with_bias in (
+                (1, True, False, False, True), (1, False, False, False, True), (8, True, False, False, True),
+                (1, True, True, False, True), (1, False, True, True, True), (1, True, True, True, True),
+                (1, False, True, True, False), (1, True, True, True, False)):
             module = nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=groups, bias=False)
             x = torch.randn(2, 16, 13, 11, generator=gen).to(dtype).contiguous(memory_format=cl)
             w = (torch.randn(32, 16 // groups, 3, 3, generator=gen) * 0.1).to(dtype).contiguous(memory_format=cl)
-            b = torch.randn(32, generator=gen).to(dtype)
+            b = torch.randn(32, generator=gen).to(dtype) if with_bias else None
             z = torch.randn(2, 32, 7, 6, generator=gen).to(dtype).contiguous(memory_format=cl) if with_residual \
                 else None
             with torch.no_grad():
