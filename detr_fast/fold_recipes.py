@@ -9,8 +9,8 @@ checks, on a random input, that the subclass computes what the original did.
 The recipes cover timm's ResNet (Bottleneck, BasicBlock and the FeatureListNet stem, what
 transformers' DETR family builds by default), transformers' own ResNet and RT-DETR's ResNet-vd
 (residual layers of conv units) and HGNetV2 (conv units with a learnable affine after the
-activation, and its stem's pool). torchvision's blocks have static classes in folding.py (they
-must stay scriptable).
+activation; its stem and basic layer convolve their concatenations piece by piece where they are
+large). torchvision's blocks have static classes in folding.py (they must stay scriptable).
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -245,10 +245,9 @@ RESIDUAL_LAYER = Recipe(
 
 # ---------------------------------------------------------------- HGNetV2's stem
 # transformers' HGNetV2Embeddings: stem1, then two branches over its zero-padded output (stem2a ->
-# pad -> stem2b, and a 2x2 stride-1 max pool), concatenated into stem3 -> stem4. Its conv units
-# fold as CONV_UNIT; the recipe replaces the pool. On CPU max_pool2d also writes an int64 index
-# per output (twice the bytes of the pooled values); two elementwise maxima give the same values,
-# NaN included (measured: the converted D-FINE backbone ~5% faster at 640x640).
+# pad -> stem2b, and a 2x2 max pool), concatenated into stem3 -> stem4. Its conv units fold as
+# CONV_UNIT; the recipe runs stem3 on the two branches without their concatenation where it would
+# be large (conv_bn_pieces; from batch 2 at 640x640).
 
 _HGNET_STEM_UNITS = ("stem1", "stem2a", "stem2b", "stem3", "stem4")
 
@@ -256,19 +255,11 @@ _HGNET_STEM_UNITS = ("stem1", "stem2a", "stem2b", "stem3", "stem4")
 def _is_hgnet_stem(m: nn.Module) -> bool:
     units = [getattr(m, name, None) for name in _HGNET_STEM_UNITS]
     return (all(isinstance(u, nn.Module) and _is_conv_unit(u) for u in units)
-            and isinstance(getattr(m, "pool", None), nn.MaxPool2d)
+            and isinstance(getattr(m, "pool", None), nn.Module)
             and isinstance(getattr(m, "num_channels", None), int))
 
 
-def _pair(value) -> Tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _hgnet_stem_problem(m: nn.Module) -> Optional[str]:
-    pool = m.pool
-    geometry = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation))
-    if geometry != ((2, 2), (1, 1), (0, 0), (1, 1)) or pool.return_indices:  # ceil_mode: no effect here
-        return "its pool is not a 2x2, stride-1, unpadded max pool"
     for name in _HGNET_STEM_UNITS:
         unit = getattr(m, name)
         problem = _pair_problem(unit.convolution, unit.normalization, name)
@@ -277,22 +268,13 @@ def _hgnet_stem_problem(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _max_pool_2x2_stride_1(x: Tensor) -> Tensor:
-    rows = torch.maximum(x[..., :-1, :], x[..., 1:, :])
-    return torch.maximum(rows[..., :-1], rows[..., 1:])
-
-
 def _hgnet_stem_forward(self: nn.Module, pixel_values: Tensor) -> Tensor:
     if pixel_values.shape[1] != self.num_channels:
         raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels; the configuration expects "
                          f"{self.num_channels}")
     embedding = F.pad(self.stem1(pixel_values), (0, 1, 0, 1))
     branch = self.stem2b(F.pad(self.stem2a(embedding), (0, 1, 0, 1)))
-    # With a graph to build, the pool's own backward (the gradient to the first maximum of a tie,
-    # not split between the ties); with a hook on the pool, the pool itself.
-    use_pool = (torch.is_grad_enabled() and embedding.requires_grad) or not private_output(self.pool)
-    pooled = self.pool(embedding) if use_pool else _max_pool_2x2_stride_1(embedding)
-    return self.stem4(_unit_on_concatenation(self.stem3, [pooled, branch]))
+    return self.stem4(_unit_on_concatenation(self.stem3, [self.pool(embedding), branch]))
 
 
 def _unit_on_concatenation(unit: nn.Module, pieces: List[Tensor]) -> Tensor:
@@ -317,8 +299,7 @@ HGNET_STEM = Recipe(
 # transformers' HGNetV2BasicLayer: its conv units in a chain, then all their outputs and its input
 # concatenated into the aggregation's squeeze (1x1) and excitation units, then the residual add.
 # Its conv units fold as CONV_UNIT; the recipe runs the squeeze on the pieces, without the
-# concatenation where it would be large (at 640x640, the first stage's 34 MB: measured ~12% of the
-# converted D-FINE backbone).
+# concatenation where it would be large (conv_bn_pieces; at 640x640 the first stage's, 34 MB).
 
 def _is_hgnet_layer(m: nn.Module) -> bool:
     layers, aggregation = getattr(m, "layers", None), getattr(m, "aggregation", None)
@@ -344,7 +325,7 @@ def _hgnet_layer_forward(self: nn.Module, hidden_state: Tensor) -> Tensor:
         hidden_state = layer(hidden_state)
         outputs.append(hidden_state)
     if private_output(self.aggregation):
-        hidden_state = self.aggregation[1](_conv_unit_on_pieces(self.aggregation[0], outputs))
+        hidden_state = self.aggregation[1](_unit_on_concatenation(self.aggregation[0], outputs))
     else:
         hidden_state = self.aggregation(torch.cat(outputs, dim=1))
     if self.residual:

@@ -116,53 +116,77 @@ def test_training_gradients_as_accurate_as_transformers():
         assert err_ours <= max(4 * err_theirs, 1e-5), (k, err_ours, err_theirs)
 
 
-# ---------------------------------------------------------------- HGNetV2's stem
+# ---------------------------------------------------------------- HGNetV2's concatenations
 
-def test_max_pool_by_two_maxima_equals_max_pool2d_with_ties_and_nan():
-    from detr_fast.fold_recipes import _max_pool_2x2_stride_1
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randint(-2, 3, (2, 5, 9, 8), generator=gen).float()  # many ties
-    x[0, 1, 3, 4] = float("nan")
-    x = x.to(memory_format=torch.channels_last)
-    want = torch.nn.functional.max_pool2d(x, 2, stride=1, ceil_mode=True)
-    torch.testing.assert_close(_max_pool_2x2_stride_1(x), want, rtol=0, atol=0, equal_nan=True)
-
-
-def _count_pool_calls(monkeypatch):
+def _count_piecewise_calls(monkeypatch, threshold: int = 0):
+    """Make every concatenation 'large' (threshold bytes) and count the piecewise convolutions."""
+    from detr_fast import fused_conv, onednn
     calls = []
-    pool_forward = torch.nn.MaxPool2d.forward
-    monkeypatch.setattr(torch.nn.MaxPool2d, "forward", lambda self, x: calls.append(1) or pool_forward(self, x))
+    piecewise = onednn.conv_pieces
+    monkeypatch.setattr(fused_conv, "FRESH_PAGES_BYTES", threshold)
+    monkeypatch.setattr(onednn, "conv_pieces",
+                        lambda pieces, *args: calls.append(len(pieces)) or piecewise(pieces, *args))
     return calls
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 45, 77), (2, 3, 32, 33)])
-def test_hgnet_stem_without_its_pool_matches_transformers(monkeypatch, shape):
+@pytest.mark.parametrize("shape", [(1, 3, 45, 77), (2, 3, 64, 64)])
+def test_hgnet_concatenations_convolved_piece_by_piece_match_transformers(monkeypatch, shape):
     model = build_realtime("dfine")
-    reference = copy.deepcopy(model.model.backbone.model.embedder)
+    reference = copy.deepcopy(model.model.backbone)
     detr_fast.convert(model)
-    stem = model.model.backbone.model.embedder
     pixel_values = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
-    calls = _count_pool_calls(monkeypatch)
+    mask = torch.ones(shape[0], *shape[2:])
+    calls = _count_piecewise_calls(monkeypatch)
     with torch.no_grad():
-        got = stem(pixel_values)
-        assert not calls, "the max pool (and its int64 indices) still runs"
-        want = reference(pixel_values)
-    assert got.shape == want.shape and _rel_err(got, want) <= 1e-5
+        got = [f for f, _ in model.model.backbone(pixel_values, mask)]
+        want = [f for f, _ in reference(pixel_values, mask)]
+    # The stem's two branches, then each basic layer's input and its conv units' outputs.
+    layers = [b for stage in model.model.backbone.model.encoder.stages for b in stage.blocks]
+    assert calls == [2] + [1 + len(b.layers) for b in layers]
+    for f, w in zip(got, want):
+        assert f.shape == w.shape and f.stride() == w.stride() and _rel_err(f, w) <= 1e-5
 
 
-def test_hgnet_stem_keeps_its_pool_for_backward_and_hooks(monkeypatch):
+def test_hgnet_small_concatenations_stay_concatenations(monkeypatch):
+    model = build_realtime("dfine")
+    detr_fast.convert(model)
+    calls = _count_piecewise_calls(monkeypatch, threshold=32 * 2**20)
+    with torch.no_grad():
+        model.model.backbone(torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64))
+    assert calls == []
+
+
+def test_hgnet_pieces_only_without_graph_and_hooks(monkeypatch):
     model = build_realtime("dfine")
     detr_fast.convert(model)
     stem = model.model.backbone.model.embedder
-    pixel_values = torch.randn(1, 3, 32, 32)
-    calls = _count_pool_calls(monkeypatch)
-    stem(pixel_values).sum().backward()  # the pool's own gradient: to one maximum of a tie
-    assert len(calls) == 1
+    calls = _count_piecewise_calls(monkeypatch)
+    pixel_values = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)  # as the encoder runs it
+    stem(pixel_values).sum().backward()  # training: transformers' own computation
+    assert calls == [] and stem.stem3.convolution.weight.grad is not None
     seen = []
-    stem.pool.register_forward_hook(lambda module, args, out: seen.append(out))
+    stem.stem3.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     with torch.no_grad():
         stem(pixel_values)
-    assert len(calls) == 2 and len(seen) == 1
+    assert calls == [] and seen == [stem.stem3.convolution.in_channels]  # the hook saw the concatenation
+
+
+def test_conv_bn_pieces_equals_bn_of_conv_of_the_concatenation(monkeypatch):
+    from detr_fast.fused_conv import conv_bn_pieces
+    gen = torch.Generator().manual_seed(6)
+    conv = torch.nn.Conv2d(13, 6, 3, stride=2, padding=1, bias=False)
+    bn = detr_fast.FrozenBatchNorm2d(6)
+    for buffer in (bn.weight, bn.bias, bn.running_mean):
+        buffer.copy_(torch.randn(6, generator=gen))
+    bn.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+    pieces = [torch.randn(2, c, 9, 7, generator=gen).contiguous(memory_format=torch.channels_last) for c in (8, 5)]
+    calls = _count_piecewise_calls(monkeypatch)
+    with torch.no_grad():
+        got = conv_bn_pieces(pieces, conv, bn, relu=True)
+        y = conv(torch.cat(pieces, dim=1))
+        scale = bn.weight / (bn.running_var + 1e-5).sqrt()
+        want = (y * scale[:, None, None] + (bn.bias - bn.running_mean * scale)[:, None, None]).relu()
+    assert calls == [2] and _rel_err(got, want) <= 1e-5
 
 
 def test_hgnet_stem_with_a_channel_mismatch_raises():
