@@ -313,3 +313,13 @@ def test_plot_two_runs_each_use_their_own_reference(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(only_compile))
     with pytest.raises(SystemExit, match="c.json"):
         plot.main(paths + [str(tmp_path / "c.json"), "--markdown", "-"])
+
+
+def test_compare_pieces_runs_and_restores_the_threshold(capsys):
+    pytest.importorskip("transformers", reason="the D-FINE A/B needs the 'hf' extra")
+    from bench import compare_pieces
+    from detr_fast import fused_conv
+    before = fused_conv.FRESH_PAGES_BYTES
+    compare_pieces.main(pairs=1, batches=(1,))
+    assert fused_conv.FRESH_PAGES_BYTES == before
+    assert "batch 1: concatenated" in capsys.readouterr().out

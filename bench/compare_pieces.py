@@ -1,0 +1,58 @@
+"""HGNetV2's large concatenations convolved piece by piece, against concatenated (an A/B on one model).
+
+One converted D-FINE (default config, the L layout's HGNetV2) runs its backbone stage,
+model.model.backbone(pixel_values, pixel_mask), at 640x640, alternating between
+detr_fast.fused_conv.FRESH_PAGES_BYTES at its value (concatenations of 32 MiB or more convolved
+piece by piece) and at "never" (every concatenation made, as transformers does). The same model and
+process on both sides: two models in one process measured a difference that the A/B on one model
+did not confirm. 2 threads, fp32, no_grad; pairs alternate their order. Needs transformers. Run
+from the repository root:
+
+    python -m bench.compare_pieces [pairs] [batches, e.g. 1,2]
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+import detr_fast
+from detr_fast import fused_conv, model_zoo
+
+NEVER = 1 << 62
+
+
+def main(pairs: int = 20, batches=(1, 2)) -> None:
+    torch.set_num_threads(2)
+    model = detr_fast.convert(model_zoo.build("dfine"))
+    piecewise_from = fused_conv.FRESH_PAGES_BYTES
+    try:
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            pixel_values = torch.randn(batch, 3, 640, 640, generator=gen)
+            pixel_mask = torch.ones(batch, 640, 640, dtype=torch.long)
+            thresholds = {"concatenated": NEVER, "piecewise": piecewise_from}
+            times = {side: [] for side in thresholds}
+            with torch.no_grad():
+                for side in list(thresholds) * 2:  # warm-up (and the packed weights of both)
+                    fused_conv.FRESH_PAGES_BYTES = thresholds[side]
+                    model.model.backbone(pixel_values, pixel_mask)
+                for r in range(pairs):
+                    for side in (("concatenated", "piecewise") if r % 2 == 0 else ("piecewise", "concatenated")):
+                        fused_conv.FRESH_PAGES_BYTES = thresholds[side]
+                        start = time.perf_counter()
+                        model.model.backbone(pixel_values, pixel_mask)
+                        times[side].append(time.perf_counter() - start)
+            ratios = sorted(c / p for c, p in zip(times["concatenated"], times["piecewise"]))
+            quantile = lambda q: ratios[int(q * (len(ratios) - 1))]  # noqa: E731
+            median_ms = {side: statistics.median(t) * 1e3 for side, t in times.items()}
+            print(f"batch {batch}: concatenated {median_ms['concatenated']:.0f} ms, piecewise "
+                  f"{median_ms['piecewise']:.0f} ms, speed-up median {statistics.median(ratios):.3f}x "
+                  f"(p25 {quantile(0.25):.3f}, p75 {quantile(0.75):.3f}), pairs {len(ratios)}")
+    finally:
+        fused_conv.FRESH_PAGES_BYTES = piecewise_from
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20,
+         tuple(int(b) for b in sys.argv[2].split(",")) if len(sys.argv) > 2 else (1, 2))
