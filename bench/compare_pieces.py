@@ -13,8 +13,10 @@ from the repository root:
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
+from torch import nn
 
 import detr_fast
 from detr_fast import fused_conv, model_zoo
@@ -22,15 +24,16 @@ from detr_fast import fused_conv, model_zoo
 NEVER = 1 << 62
 
 
-def main(pairs: int = 20, batches=(1, 2)) -> None:
+def main(pairs: int = 20, batches=(1, 2), model: Optional[nn.Module] = None, size: int = 640) -> None:
+    """``model``: a converted D-FINE (default: the default config's); ``size``: the images' side."""
     torch.set_num_threads(2)
-    model = detr_fast.convert(model_zoo.build("dfine"))
+    model = model if model is not None else detr_fast.convert(model_zoo.build("dfine"))
     piecewise_from = fused_conv.FRESH_PAGES_BYTES
     try:
         for batch in batches:
             gen = torch.Generator().manual_seed(batch)
-            pixel_values = torch.randn(batch, 3, 640, 640, generator=gen)
-            pixel_mask = torch.ones(batch, 640, 640, dtype=torch.long)
+            pixel_values = torch.randn(batch, 3, size, size, generator=gen)
+            pixel_mask = torch.ones(batch, size, size, dtype=torch.long)
             thresholds = {"concatenated": NEVER, "piecewise": piecewise_from}
             times = {side: [] for side in thresholds}
             with torch.no_grad():

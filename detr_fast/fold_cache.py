@@ -60,7 +60,8 @@ def clear_fold_cache(module: nn.Module) -> None:
             m.__dict__.pop(attr, None)
 
 
-def _sources(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> List[Tensor]:
+def fold_sources(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> List[Tensor]:
+    """The tensors a fold is computed from."""
     tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     if conv.bias is not None:
         tensors.append(conv.bias)
@@ -98,7 +99,7 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     """
     if dtype is None:
         dtype = conv.weight.dtype
-    sources = _sources(conv, bn)
+    sources = fold_sources(conv, bn)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or compiling():
         return _fold(conv, bn, dtype, memory_format)
     stamp = _stamp(sources)

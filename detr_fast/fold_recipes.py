@@ -280,7 +280,7 @@ def _hgnet_stem_forward(self: nn.Module, pixel_values: Tensor) -> Tensor:
 def _unit_on_concatenation(unit: nn.Module, pieces: List[Tensor]) -> Tensor:
     """``unit(torch.cat(pieces, dim=1))``; the unit's computation on the pieces (no concatenation
     when it would be large, see conv_bn_pieces) unless a hook would see its input."""
-    if private_output(unit):
+    if folded_recipe(unit) is CONV_UNIT and private_output(unit):  # still the folded unit it was
         return _conv_unit_on_pieces(unit, pieces)
     return unit(torch.cat(pieces, dim=1))
 
@@ -324,7 +324,7 @@ def _hgnet_layer_forward(self: nn.Module, hidden_state: Tensor) -> Tensor:
     for layer in self.layers:
         hidden_state = layer(hidden_state)
         outputs.append(hidden_state)
-    if private_output(self.aggregation):
+    if len(self.aggregation) == 2 and private_output(self.aggregation):
         hidden_state = self.aggregation[1](_unit_on_concatenation(self.aggregation[0], outputs))
     else:
         hidden_state = self.aggregation(torch.cat(outputs, dim=1))

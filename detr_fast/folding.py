@@ -179,6 +179,8 @@ def _fold_into(module: nn.Module, channels_last: bool, result: FoldResult) -> No
 def _fold_by_recipe(m: nn.Module, where: str, result: FoldResult) -> None:
     recipe = recipe_for(m)
     if recipe is None:
+        if folded_recipe(m) is not None:  # edited since it was folded: no longer what its recipe knows
+            _set_class(result, m, base_class(m))
         return
     problem = recipe.why_not(m)
     if problem is None and folded_recipe(m) is not recipe and not _folds_like_before(m, recipe):

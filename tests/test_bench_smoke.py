@@ -315,11 +315,18 @@ def test_plot_two_runs_each_use_their_own_reference(tmp_path):
         plot.main(paths + [str(tmp_path / "c.json"), "--markdown", "-"])
 
 
-def test_compare_pieces_runs_and_restores_the_threshold(capsys):
+def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the D-FINE A/B needs the 'hf' extra")
+    import detr_fast
     from bench import compare_pieces
-    from detr_fast import fused_conv
-    before = fused_conv.FRESH_PAGES_BYTES
-    compare_pieces.main(pairs=1, batches=(1,))
-    assert fused_conv.FRESH_PAGES_BYTES == before
+    from detr_fast import fused_conv, onednn
+    from tests.hf_models import build_realtime
+    model = detr_fast.convert(build_realtime("dfine"))
+    monkeypatch.setattr(fused_conv, "FRESH_PAGES_BYTES", 0)  # the piecewise side, at a tiny size
+    calls = []
+    piecewise = onednn.conv_pieces
+    monkeypatch.setattr(onednn, "conv_pieces", lambda *args: calls.append(1) or piecewise(*args))
+    compare_pieces.main(pairs=2, batches=(1,), model=model, size=64)
+    # Warm-up and two pairs: each side 4 times; the piecewise side convolves the stem and 5 layers.
+    assert len(calls) == 4 * 6 and fused_conv.FRESH_PAGES_BYTES == 0
     assert "batch 1: concatenated" in capsys.readouterr().out

@@ -189,6 +189,58 @@ def test_conv_bn_pieces_equals_bn_of_conv_of_the_concatenation(monkeypatch):
     assert calls == [2] and _rel_err(got, want) <= 1e-5
 
 
+def test_hgnet_layer_with_a_hooked_aggregation_concatenates(monkeypatch):
+    model = build_realtime("dfine")
+    detr_fast.convert(model)
+    layer = model.model.backbone.model.encoder.stages[0].blocks[0]
+    seen = []
+    layer.aggregation[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    calls = _count_piecewise_calls(monkeypatch)
+    x = torch.randn(1, layer.layers[0].convolution.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x)
+    assert calls == [] and seen == [layer.aggregation[0].convolution.in_channels]
+
+
+def test_hgnet_modules_edited_after_conversion_compute_what_they_hold(monkeypatch):
+    model = build_realtime("dfine")
+    reference = copy.deepcopy(model.model.backbone)
+    detr_fast.convert(model)
+    backbone = model.model.backbone
+    # A replaced stem3 (now a structure no recipe knows) and a layer's aggregation with one more module.
+    backbone.model.embedder.stem3 = torch.nn.Sequential(copy.deepcopy(reference.model.embedder.stem3))
+    reference.model.embedder.stem3 = torch.nn.Sequential(reference.model.embedder.stem3)
+    for m in (backbone, reference):
+        m.model.encoder.stages[0].blocks[0].aggregation.append(torch.nn.Hardtanh(-0.5, 0.5))
+    calls = _count_piecewise_calls(monkeypatch)
+    pixel_values, mask = torch.randn(1, 3, 64, 64), torch.ones(1, 64, 64)
+    for again in (False, True):
+        if again:
+            detr_fast.convert(model)  # unfolds what no recipe knows any more
+        with torch.no_grad():
+            got = [f for f, _ in backbone(pixel_values, mask)]
+            want = [f for f, _ in reference(pixel_values, mask)]
+        assert all(_rel_err(f, w) <= 1e-5 for f, w in zip(got, want))
+    assert calls and 2 not in calls  # the other layers still run piecewise; the stem does not
+    edited = backbone.model.encoder.stages[0].blocks[0]
+    assert type(edited) is type(reference.model.encoder.stages[0].blocks[0])  # unfolded by the second convert
+
+
+def test_conv_bn_pieces_falls_back_where_the_concatenation_is_needed(monkeypatch):
+    from detr_fast.fused_conv import conv_bn_pieces
+    conv, bn = torch.nn.Conv2d(13, 6, 1, bias=False), detr_fast.FrozenBatchNorm2d(6)
+    calls = _count_piecewise_calls(monkeypatch)
+    cl = torch.channels_last
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):  # 11 channels into a 13-channel conv, as PyTorch raises
+            conv_bn_pieces([torch.randn(1, 8, 5, 5).contiguous(memory_format=cl),
+                            torch.randn(1, 3, 5, 5).contiguous(memory_format=cl)], conv, bn)
+        conv_bn_pieces([torch.randn(1, 8, 5, 5), torch.randn(1, 5, 5, 5)], conv, bn)  # NCHW
+        bf16 = [torch.randn(1, c, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=cl) for c in (8, 5)]
+        conv_bn_pieces(bf16, copy.deepcopy(conv).bfloat16(), copy.deepcopy(bn).bfloat16())  # rounds once
+    assert calls == []
+
+
 def test_hgnet_stem_with_a_channel_mismatch_raises():
     model = build_realtime("dfine")
     detr_fast.convert(model)
