@@ -330,3 +330,14 @@ def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monke
     # Warm-up and two pairs: each side 4 times; the piecewise side convolves the stem and 5 layers.
     assert len(calls) == 4 * 6 and fused_conv.FRESH_PAGES_BYTES == 0
     assert "batch 1: concatenated" in capsys.readouterr().out
+
+
+def test_op_breakdown_runs_on_a_tiny_model(capsys, monkeypatch):
+    pytest.importorskip("transformers", reason="the op breakdown needs the 'hf' extra")
+    from bench import op_breakdown
+    from detr_fast import model_zoo
+    build = model_zoo.build
+    monkeypatch.setattr(model_zoo, "build", lambda name: build(name, tiny=True))
+    op_breakdown.main("dfine", size=64, reps=1)
+    out = capsys.readouterr().out
+    assert "mkldnn::_convolution_pointwise" in out and "% of the backbone stage" in out
