@@ -218,10 +218,10 @@ def _pieces_path_applies(pieces: Sequence[Tensor], conv: nn.Conv2d, bn: FrozenBa
     if len(pieces) < 2:
         return False
     first = pieces[0]
-    # float32 only: in bf16 the partial sums would round once per piece (measured: 2-2.5x the
-    # error of one convolution over the concatenation).
     needs_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in [*pieces, *fold_sources(conv, bn)])
+    # float32 only: in bf16 the partial sums would round once per piece (measured: 2-2.5x the
+    # error of one convolution over the concatenation).
     return (conv.weight.dtype == torch.float32 and conv.groups == 1
             and not isinstance(conv.padding, str) and not needs_graph
             and sum(p.shape[1] if p.dim() == 4 else 0 for p in pieces) == conv.in_channels
