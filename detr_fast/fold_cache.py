@@ -68,6 +68,11 @@ def fold_sources(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> List[Tensor]:
     return tensors
 
 
+def fold_needs_graph(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> bool:
+    """Whether autograd needs the fold: grad enabled and a source tensor requiring grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in fold_sources(conv, bn))
+
+
 def _stamp(tensors: List[Tensor]) -> Optional[Tuple]:
     # Inference tensors keep no version counter: their folds cannot be validated, so not cached.
     if any(t.is_inference() for t in tensors):
@@ -99,9 +104,9 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     """
     if dtype is None:
         dtype = conv.weight.dtype
-    sources = fold_sources(conv, bn)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)) or compiling():
+    if fold_needs_graph(conv, bn) or compiling():
         return _fold(conv, bn, dtype, memory_format)
+    sources = fold_sources(conv, bn)
     stamp = _stamp(sources)
     key = (stamp, float(bn.eps), dtype, memory_format)
     cached = conv.__dict__.get(CACHE_ATTRS[0])

@@ -41,11 +41,9 @@ class FoldedSequential(nn.Sequential):
 
     @torch.jit.unused
     def _folded(self, x: Tensor) -> Tensor:
-        direct_ok = not _global_hooks()
         owned = False
         for block in self:
-            unhooked = direct_ok and not any(_hooked(m) for m in block.modules())
-            direct = getattr(block, "folded_forward", None) if unhooked else None
+            direct = getattr(block, "folded_forward", None) if private_output(block) else None
             x = direct(x, owned) if direct is not None else block(x)
             owned = direct is not None
         return x

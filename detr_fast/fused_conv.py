@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import onednn
 from .dispatch import compiling, exporting
-from .fold_cache import clear_fold_cache, fold_sources, folded_weight_and_bias
+from .fold_cache import clear_fold_cache, fold_needs_graph, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["clear_fold_cache", "conv_bn", "conv_bn_pieces", "foldable", "folded_weight_and_bias", "memory_format_of"]
@@ -218,8 +218,7 @@ def _pieces_path_applies(pieces: Sequence[Tensor], conv: nn.Conv2d, bn: FrozenBa
     if len(pieces) < 2:
         return False
     first = pieces[0]
-    needs_graph = torch.is_grad_enabled() and any(
-        t.requires_grad for t in [*pieces, *fold_sources(conv, bn)])
+    needs_graph = fold_needs_graph(conv, bn) or (torch.is_grad_enabled() and any(p.requires_grad for p in pieces))
     # float32 only: in bf16 the partial sums would round once per piece (measured: 2-2.5x the
     # error of one convolution over the concatenation).
     return (conv.weight.dtype == torch.float32 and conv.groups == 1

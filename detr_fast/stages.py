@@ -247,9 +247,7 @@ def build_reference_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
 def make_fast_joiner(reference: Joiner, log: Optional[Callable[[str], None]] = None) -> Joiner:
     """The detr_fast Joiner: a copy of ``reference`` with the same weights, converted the way a user
     converts a model (detr_fast.convert: folded backbone, fused masks and pos)."""
-    fast = convert(copy.deepcopy(reference))
-    if log is not None:
-        log(str(conversion_report(fast)))
+    fast = make_fast_model(reference, log)
     # The reference's embedding is detr_fast's class on backend "torch": convert() keeps it; a
     # user's runs "auto".
     fast[1].backend = "auto"
@@ -416,7 +414,8 @@ class Detector(Implementation):
 
 
 def make_fast_model(reference: nn.Module, log: Optional[Callable[[str], None]] = None) -> nn.Module:
-    """The detr_fast detector: ``detr_fast.convert`` of a deep copy of ``reference`` (same weights)."""
+    """The detr_fast model: ``detr_fast.convert`` of a deep copy of ``reference`` (same weights),
+    its conversion report passed to ``log``."""
     fast = convert(copy.deepcopy(reference))
     if log is not None:
         log(str(conversion_report(fast)))
