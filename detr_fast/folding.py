@@ -55,10 +55,12 @@ _UNFOLD = {**{v: k for k, v in BLOCKS.items()}, **{v: k for k, v in _CONTAINERS.
 @dataclass
 class FoldResult:
     """What a fold did: ``pairs`` conv + BN pairs now run as one convolution (in ``blocks``
-    residual blocks and ``stems`` stems); ``skipped`` lists (module path, why not)."""
+    residual blocks and ``stems`` stems; ``structures`` counts the folded modules by structure);
+    ``skipped`` lists (module path, why not)."""
     blocks: int = 0
     stems: int = 0
     pairs: int = 0
+    structures: Dict[str, int] = field(default_factory=dict)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     # Every change made, to undo exactly this fold: (module, its class before, its __dict__
     # entries before for the attributes folding sets).
@@ -75,6 +77,13 @@ class FoldResult:
                     module.__dict__[name] = value
             clear_fold_cache(module)
         self.changes.clear()
+
+    def counted(self, structure: str) -> None:
+        self.structures[structure] = self.structures.get(structure, 0) + 1
+
+    def describe_structures(self) -> str:
+        """E.g. "16 Bottleneck, 1 torchvision stem": what the folded modules are."""
+        return ", ".join(f"{n} {name}" for name, n in self.structures.items())
 
 
 _MISSING = object()
@@ -154,6 +163,7 @@ def _fold_into(module: nn.Module, channels_last: bool, result: FoldResult) -> No
             if block_foldable(m, base):
                 _set_class(result, m, BLOCKS[base])
                 result.blocks += 1
+                result.counted(base.__name__)
             else:
                 _set_class(result, m, base)  # unfold a block that can no longer be folded
                 result.skipped.append((where, _UNFOLDABLE))
@@ -163,7 +173,9 @@ def _fold_into(module: nn.Module, channels_last: bool, result: FoldResult) -> No
             else:
                 plan = stem_plan(OrderedDict(m.named_children()), [])
             _set_class(result, m, _CONTAINERS[container], **{STEM_ATTR: plan, CHANNELS_LAST_ATTR: channels_last})
-            result.stems += plan is not None
+            if plan is not None:
+                result.stems += 1
+                result.counted("torchvision stem")
             if plan is None and "conv1" in dict(m.named_children()):
                 result.skipped.append(((name + ".conv1") if name else "conv1", _UNFOLDABLE))
         else:
@@ -190,6 +202,7 @@ def _fold_by_recipe(m: nn.Module, where: str, result: FoldResult) -> None:
         result.skipped.append((where, problem))
         return
     _set_class(result, m, folded_class(base_class(m), recipe))
+    result.counted(recipe.name)
     if recipe.kind == "stem":
         result.stems += 1
     elif recipe.kind == "block":

@@ -363,8 +363,9 @@ def run_model_profile(model: str, device: torch.device, batch: int, dtype: str, 
     why = model_zoo.query_check(reference_model, model, sizes)
     if why:
         raise model_zoo.Unavailable(why)
-    fast_model = stages.make_fast_model(reference_model, log)
-    conversion = str(conversion_report(fast_model))
+    fast_model = stages.make_fast_model(reference_model)
+    conversion = str(conversion_report(fast_model))  # formatted once: logged now, kept in the report
+    log(conversion)
     impls: List[stages.Implementation] = [stages.Detector("reference", reference_model),
                                           stages.Detector("detr_fast", fast_model)]
     inputs = model_zoo.inputs(model, sizes, device, torch_dtype)
