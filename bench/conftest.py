@@ -14,6 +14,8 @@ shape share a benchmark group, so the comparison table lines reference, detr_fas
 onnxruntime up. What each row runs is defined once, in detr_fast.stages (shared with
 `python -m detr_fast profile` and tests/test_bench_smoke.py).
 """
+import signal
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -30,6 +32,18 @@ from detr_fast.profile import peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
 CUDA_DEFAULT_SCALE = 1.0
+
+
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def pytest_configure(config):
+    # A time limit (timeout(1) sends SIGTERM) stops the run the way Ctrl-C does: pytest finishes
+    # the session, so pytest-benchmark still writes the rows measured so far to --benchmark-json
+    # instead of nothing (bench/run_gpu.sh under a device's per-command limit).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
 
 
 def pytest_addoption(parser):

@@ -5,13 +5,16 @@
 #
 # Installs nothing from the network: torch, torchvision, triton, pytest, pytest-benchmark (and
 # matplotlib for the plot) must already be there; the package itself is installed editable without
-# dependencies; everything runs under $PYTHON (default python3). Steps (default: all four, in order):
+# dependencies; everything runs under $PYTHON (default python3). Steps (default: all four), run in
+# this order whatever order --steps names them in, the quick ones first:
 #   tests     pytest tests/ (the correctness suite, CUDA tests included)         -> tests.log
+#   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json
 #   bench     pytest bench/ --benchmark-only --bench-impls reference,detr_fast  -> bench.json, bench.log
+#             (the stages the issues' GPU targets name first: pos, masks_pos, backbone, joiner, then
+#             masks, pad, model)
 #   compile   the same with --bench-impls reference,compile (torch.compile of the reference; compiling
 #             ResNet-50 per shape takes minutes, so it is its own step and its own run, with its own
 #             reference rows: every ratio is measured side by side in one run) -> bench_compile.json/.log
-#   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json
 # Full DETR sizes, batch 2 and 8, float32 and bfloat16 (the CUDA defaults of bench/conftest.py).
 # (The onnxruntime peer of the benchmarks runs on CPU only: it is not part of these GPU steps. The
 # model stage, whole transformers detectors, needs transformers and timm: without them its rows are
@@ -22,6 +25,10 @@
 # metadata.json: device, capability, driver, torch/triton/CUDA/cuDNN versions, commit, and the exit
 # code of every step run so far (a later call with other --steps on the same OUTDIR adds its own).
 # A failing step is recorded and the script goes on; it exits non-zero at the end.
+# Stopped by SIGTERM or SIGINT (e.g. `timeout 480 bench/run_gpu.sh ...`, which signals the whole
+# process group), the running step ends early (a benchmark step still writes the rows it measured:
+# bench/conftest.py), the later steps are skipped, and the plot and metadata.json ("stopped_by_signal":
+# true) are still written, so an archive made afterwards holds everything measured.
 #
 # With a per-command time limit (10 minutes on the device tool of this project's workplace), run
 # it as two calls on one OUTDIR, or two OUTDIRs merged afterwards: --steps tests,bench,profile,
@@ -66,32 +73,46 @@ cd "$ROOT"
 "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 install_rc=$?
 tests_rc=; bench_rc=; compile_rc=; profile_rc=
+STOPPED=
+trap 'STOPPED=1' TERM INT  # bash runs it once the running step has ended
+# Whether a step should start: it was asked for and no signal has stopped the run.
+starts() { wants "$1" && [ -z "$STOPPED" ]; }
 
-if wants tests; then
+# The benchmark files, those behind the issues' GPU targets first (a run cut short keeps them),
+# then any others.
+BENCH_FILES=()
+for stage in pos masks_pos backbone joiner masks pad model; do
+    [ -f "bench/test_bench_$stage.py" ] && BENCH_FILES+=("bench/test_bench_$stage.py")
+done
+for f in bench/test_bench_*.py; do
+    [[ " ${BENCH_FILES[*]} " == *" $f "* ]] || BENCH_FILES+=("$f")
+done
+
+if starts tests; then
     "$PY" -m pytest tests/ -q -rs >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 3 "$OUT/tests.log"
 fi
 
-if wants bench; then
-    "$PY" -m pytest bench/ --benchmark-only --bench-impls reference,detr_fast --benchmark-json="$OUT/bench.json" "$@" \
+if starts profile; then
+    "$PY" -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" \
+        2>"$OUT/profile.log"
+    profile_rc=$?
+    cat "$OUT/profile.txt"
+fi
+
+if starts bench; then
+    "$PY" -m pytest "${BENCH_FILES[@]}" --benchmark-only --bench-impls reference,detr_fast --benchmark-json="$OUT/bench.json" "$@" \
         >"$OUT/bench.log" 2>&1
     bench_rc=$?
     tail -n 3 "$OUT/bench.log"
 fi
 
-if wants compile; then
-    "$PY" -m pytest bench/ --benchmark-only --bench-impls reference,compile --benchmark-json="$OUT/bench_compile.json" "$@" \
+if starts compile; then
+    "$PY" -m pytest "${BENCH_FILES[@]}" --benchmark-only --bench-impls reference,compile --benchmark-json="$OUT/bench_compile.json" "$@" \
         >"$OUT/bench_compile.log" 2>&1
     compile_rc=$?
     tail -n 3 "$OUT/bench_compile.log"
-fi
-
-if wants profile; then
-    "$PY" -m detr_fast profile --json "$OUT/profile.json" --trace "$OUT/trace.json" >"$OUT/profile.txt" \
-        2>"$OUT/profile.log"
-    profile_rc=$?
-    cat "$OUT/profile.txt"
 fi
 
 plot_rc=
@@ -107,7 +128,7 @@ if [ ${#runs[@]} -gt 0 ]; then
 fi
 
 INSTALL_RC=$install_rc TESTS_RC=$tests_rc BENCH_RC=$bench_rc COMPILE_RC=$compile_rc PROFILE_RC=$profile_rc \
-PLOT_RC=$plot_rc "$PY" - "$OUT/metadata.json" "$STEPS" "$@" <<'EOF'
+PLOT_RC=$plot_rc STOPPED=$STOPPED "$PY" - "$OUT/metadata.json" "$STEPS" "$@" <<'EOF'
 import datetime, json, os, platform, subprocess, sys
 
 import torch
@@ -155,6 +176,7 @@ for step in ("install", "tests", "bench", "compile", "profile", "plot"):
     if value:
         exit_codes[step] = int(value)
 meta["exit_codes"] = exit_codes
+meta["stopped_by_signal"] = earlier.get("stopped_by_signal", False) or bool(os.environ["STOPPED"])
 meta["calls"] = earlier.get("calls", []) + [{"steps": sys.argv[2].split(","), "bench_options": sys.argv[3:]}]
 with open(sys.argv[1], "w") as f:
     json.dump(meta, f, indent=2)

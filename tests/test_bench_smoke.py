@@ -5,7 +5,10 @@ The suites in bench/ time exactly these runners (detr_fast.stages, also what
 computing the wrong thing, fails here in CI. The plot script's helpers are tested at the end.
 """
 import json
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +344,17 @@ def test_op_breakdown_runs_on_a_tiny_model(capsys, monkeypatch):
     op_breakdown.main("dfine", size=64, reps=1)
     out = capsys.readouterr().out
     assert "mkldnn::_convolution_pointwise" in out and "% of the backbone stage" in out
+
+
+RUN_GPU = Path(__file__).resolve().parent.parent / "bench" / "run_gpu.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bench/run_gpu.sh is a bash script")
+@pytest.mark.parametrize("args, message", [([], "usage"), (["out", "--steps"], "usage"),
+                                           (["out", "--steps", ","], "usage"),
+                                           (["out", "--steps", "tests,nope"], "unknown step 'nope'")])
+def test_run_gpu_bad_arguments_are_usage_errors(args, message, tmp_path):
+    # Checked before anything runs or is written (and before it looks for a GPU).
+    result = subprocess.run(["bash", str(RUN_GPU), *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
