@@ -72,11 +72,20 @@ cd "$ROOT"
 
 "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
 install_rc=$?
+# The kernels are importable only through the install (setup.py maps kernels/ to detr_fast.kernels):
+# without it every step would fail for a reason its log hides.
+UNUSABLE=
+if ! "$PY" -c "import detr_fast.kernels" >>"$OUT/install.log" 2>&1; then
+    echo "run_gpu.sh: 'import detr_fast.kernels' fails after the install, so no step runs; $OUT/install.log:" >&2
+    tail -n 20 "$OUT/install.log" >&2
+    [ "$install_rc" -eq 0 ] && install_rc=1
+    UNUSABLE=1
+fi
 tests_rc=; bench_rc=; compile_rc=; profile_rc=
 STOPPED=
 trap 'STOPPED=1' TERM INT  # bash runs it once the running step has ended
-# Whether a step should start: it was asked for and no signal has stopped the run.
-starts() { wants "$1" && [ -z "$STOPPED" ]; }
+# Whether a step should start: it was asked for, the package imports, and no signal has stopped the run.
+starts() { wants "$1" && [ -z "$UNUSABLE" ] && [ -z "$STOPPED" ]; }
 
 # The benchmark files, those behind the issues' GPU targets first (a run cut short keeps them),
 # then any others.

@@ -12,10 +12,12 @@ graph is needed (and not while compiling or exporting, which trace the plain fol
   CPU with NCHW tensors oneDNN with dense weights, for the ReLU epilogues.
 Each fused op is checked once per (device type, dtype, memory format) against F.conv2d on a small
 random problem; if it is missing, raises or disagrees, the unfused folded convolution runs instead
-(and a warning says so once). Elsewhere the folded convolution runs as F.conv2d.
+(and a warning says so once). A fused op that passed its check can still refuse one convolution
+(cuDNN finds no engine for some shapes, depending on its version): that convolution then runs
+unfused from then on, with a warning once. Elsewhere the folded convolution runs as F.conv2d.
 """
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ FRESH_PAGES_BYTES = 32 * 2**20
 
 # (device type, dtype, memory format, epilogue) -> whether the fused op is usable there.
 _FUSED_OK: Dict[Tuple[str, torch.dtype, torch.memory_format, str], bool] = {}
+# The (device type, dtype, memory format, epilogue, convolution geometry) for which the fused op
+# raised although its self-check passed: those run unfused without trying again.
+_FUSED_REFUSED: Set[Tuple] = set()
 
 
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -127,6 +132,10 @@ def _fused_supported(device: torch.device, dtype: torch.dtype, memory_format: to
     ok = _FUSED_OK.get(key)
     if ok is not None:
         return ok
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The check copies to the device and synchronizes, which a CUDA graph capture forbids: run
+        # unfused (capturable) now, and decide at the first call outside a capture.
+        return False
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         ok = False  # neither cuDNN's nor oneDNN's fused ops take other dtypes
     elif device.type == "cuda" and not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
@@ -199,9 +208,23 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
         # A residual that had to be cast or made contiguous is a copy of ours: reusable.
         reuse = z is not None and (reuse_residual or z is not residual)
         return onednn.conv(xin, weight, bias, conv, relu, z, reuse)
-    if relu and _fused_supported(x.device, weight.dtype, memory_format, "relu" if residual is None else "add_relu"):
-        return _fused_call(xin, weight, bias, conv, z)
+    epilogue = "relu" if residual is None else "add_relu"
+    if relu and _fused_supported(x.device, weight.dtype, memory_format, epilogue):
+        refusal_key = (x.device.type, weight.dtype, memory_format, epilogue, _geometry_key(conv))
+        if refusal_key not in _FUSED_REFUSED:
+            try:
+                return _fused_call(xin, weight, bias, conv, z)
+            except RuntimeError as err:
+                _FUSED_REFUSED.add(refusal_key)
+                warnings.warn(f"detr_fast: the fused conv+{epilogue} op on {x.device.type} ({weight.dtype}, "
+                              f"{memory_format}) refused {conv} ({type(err).__name__}: {str(err)[:200]}); "
+                              "that convolution runs unfused from now on")
     return _unfused(x, weight, bias, conv, relu, residual)
+
+
+def _geometry_key(conv: nn.Conv2d) -> Tuple:
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups)
 
 
 def conv_bn_pieces(pieces: Sequence[Tensor], conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = False) -> Tensor:

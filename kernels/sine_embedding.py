@@ -19,6 +19,7 @@ approximation; at positions ~1e3 (normalize=False) or ~1e6 (padding when normali
 offset) a 1-ulp change of the argument changes the sine in the 4th digit, so we use IEEE division
 (div_rn) and libdevice's sin/cos, which have proper range reduction, as CUDA's sinf does.
 """
+import contextlib
 import os
 import struct
 from typing import NamedTuple, Optional, Tuple
@@ -242,6 +243,12 @@ def _grid(batch: int, height: int, width: int, num_pos_feats: int, tiles: Tiles)
     return (triton.cdiv(width, tiles.block_w), triton.cdiv(height, tiles.block_h), batch * 2 * n_chunks), n_chunks
 
 
+def _launch_device(device: torch.device):
+    """Triton launches on the current CUDA device, whatever device the tensors are on: make it
+    theirs (a no-op on one GPU, and on CPU under the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int],
                         dim_t: torch.Tensor, normalize: bool, scale: float, offset: float, eps: float,
                         out_dtype: torch.dtype, *, gpu_tiles: Optional[bool] = None
@@ -266,14 +273,15 @@ def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tup
     tiles = choose_tiles(height, width, num_pos_feats, True, not _INTERPRETED if gpu_tiles is None else gpu_tiles)
     grid, n_chunks = _grid(batch, height, width, num_pos_feats, tiles)
     extent_block, extent_iters = extent_constants(height, width)
-    _sine_rect_kernel[grid](
-        pos, mask.view(torch.uint8), dim_t, sizes.contiguous(),
-        height, width, in_h, in_w, nearest_scale(in_h, height), nearest_scale(in_w, width),
-        num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
-        NORMALIZE=bool(normalize),
-        BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
-        EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters, num_warps=tiles.num_warps,
-    )
+    with _launch_device(device):
+        _sine_rect_kernel[grid](
+            pos, mask.view(torch.uint8), dim_t, sizes.contiguous(),
+            height, width, in_h, in_w, nearest_scale(in_h, height), nearest_scale(in_w, width),
+            num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+            NORMALIZE=bool(normalize),
+            BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
+            EXTENT_BLOCK=extent_block, EXTENT_ITERS=extent_iters, num_warps=tiles.num_warps,
+        )
     return mask, pos
 
 
@@ -295,9 +303,10 @@ def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: b
     xcum = not_mask.cumsum(2, dtype=torch.float32).contiguous()
     tiles = choose_tiles(height, width, num_pos_feats, False, not _INTERPRETED if gpu_tiles is None else gpu_tiles)
     grid, n_chunks = _grid(batch, height, width, num_pos_feats, tiles)
-    _sine_general_kernel[grid](
-        pos, dim_t, ycum, xcum, height, width, num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
-        NORMALIZE=bool(normalize), BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
-        num_warps=tiles.num_warps,
-    )
+    with _launch_device(mask.device):
+        _sine_general_kernel[grid](
+            pos, dim_t, ycum, xcum, height, width, num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+            NORMALIZE=bool(normalize), BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
+            num_warps=tiles.num_warps,
+        )
     return pos

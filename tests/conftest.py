@@ -46,15 +46,15 @@ def _seeded_torch_rng(random_seed):
     torch.manual_seed(random_seed.value)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: pluggy < 1.2 (older GPU images) has no wrapper=True
 def pytest_runtest_makereport(item, call):
     # A failing random test names its seed even where an assertion carries no context.
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     seed = getattr(item, "funcargs", {}).get("random_seed")
     if report.failed and isinstance(seed, helpers.Seed):
         report.sections.append(("random seed", f"{seed}; reproduce with "
                                                f"{helpers.SEED_ENV}={seed.session} pytest '{item.nodeid}'"))
-    return report
 
 
 @pytest.fixture(autouse=True)

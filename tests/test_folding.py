@@ -1,5 +1,7 @@
 """fold_frozen_bn: the folded ResNet body against the upstream (unfolded) one, in values, gradients,
 state_dict and freshness of the folded weights."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -178,6 +180,35 @@ def test_conv_bn_epilogues_match_the_unfused_computation(monkeypatch, fused, mem
         torch.testing.assert_close(fused_conv.conv_bn(x, conv, bn, relu=True), plain.relu(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused_conv.conv_bn(x, conv, bn, relu=True, residual=z), (plain + z).relu(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_op_that_refuses_one_convolution_runs_it_unfused(monkeypatch):
+    """cuDNN can pass the self-check and still find no engine for one shape: that convolution runs
+    unfused, with one warning, and the fused op is not tried for it again."""
+    monkeypatch.setattr(fused_conv, "_FUSED_REFUSED", set())
+    monkeypatch.setattr(fused_conv, "_fused_supported", lambda *a: True)
+    tried = []
+
+    def refuse(x, weight, bias, conv, residual):
+        tried.append(conv)
+        raise RuntimeError("no engine for this convolution")
+    monkeypatch.setattr(fused_conv, "_fused_call", refuse)
+    gen = torch.Generator().manual_seed(23)
+    conv = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    bn = randomize_frozen_bn_(FrozenBatchNorm2d(8), gen)
+    up_bn = UpstreamFrozenBatchNorm2d(8)
+    up_bn.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 3, 17, 15, generator=gen)  # NCHW: the path of the fused ops
+    with torch.no_grad():
+        want = up_bn(conv(x)).relu()
+        with pytest.warns(UserWarning, match="refused"):
+            first = fused_conv.conv_bn(x, conv, bn, relu=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = fused_conv.conv_bn(x, conv, bn, relu=True)
+    assert tried == [conv]
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_bfloat16_runs_folded_with_small_error():

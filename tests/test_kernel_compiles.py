@@ -28,9 +28,13 @@ floats = ("scale_h", "scale_w", "offset", "eps", "scale")
 
 def compile_kernel(kernel, const, out):
     names = list(inspect.signature(kernel.fn).parameters)
-    sig = {n: "constexpr" if n in const else ("fp32" if n in floats else pointers.get(n, "i32")) for n in names}
-    sig["pos_ptr"] = out
-    src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    types = {n: "fp32" if n in floats else pointers.get(n, "i32") for n in names if n not in const}
+    types["pos_ptr"] = out
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3
+        sig = {n: "constexpr" if n in const else types[n] for n in names}
+        src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    else:  # Triton 3.0-3.2 (the GPU machines' may be that old): constexprs by name, out of the signature
+        src = ASTSource(kernel, types, constants=dict(const))
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm.get("cubin"), const
 
