@@ -215,10 +215,15 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
             try:
                 return _fused_call(xin, weight, bias, conv, z)
             except RuntimeError as err:
-                _FUSED_REFUSED.add(refusal_key)
-                warnings.warn(f"detr_fast: the fused conv+{epilogue} op on {x.device.type} ({weight.dtype}, "
-                              f"{memory_format}) refused {conv} ({type(err).__name__}: {str(err)[:200]}); "
-                              "that convolution runs unfused from now on")
+                refusal = err
+            # A wrong input (e.g. its channels) raises here too, as the reference would; only a
+            # convolution that runs unfused marks the fused op as refusing it.
+            out = _unfused(x, weight, bias, conv, relu, residual)
+            _FUSED_REFUSED.add(refusal_key)
+            warnings.warn(f"detr_fast: the fused conv+{epilogue} op on {x.device.type} ({weight.dtype}, "
+                          f"{memory_format}) refused {conv} ({type(refusal).__name__}: {str(refusal)[:200]}); "
+                          "that convolution runs unfused from now on")
+            return out
     return _unfused(x, weight, bias, conv, relu, residual)
 
 

@@ -211,6 +211,19 @@ def test_a_fused_op_that_refuses_one_convolution_runs_it_unfused(monkeypatch):
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_wrong_input_raises_and_does_not_disable_the_fused_op(monkeypatch):
+    monkeypatch.setattr(fused_conv, "_FUSED_REFUSED", set())
+    monkeypatch.setattr(fused_conv, "_fused_supported", lambda *a: True)  # the fused op's branch
+    gen = torch.Generator().manual_seed(29)
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    bn = randomize_frozen_bn_(FrozenBatchNorm2d(8), gen)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            fused_conv.conv_bn(torch.randn(1, 4, 9, 9, generator=gen), conv, bn, relu=True)  # 4 channels, not 3
+    assert not fused_conv._FUSED_REFUSED
+
+
 def test_autocast_bfloat16_runs_folded_with_small_error():
     up, ours = _pair("resnet18", seed=20)
     x = _images(21, 48, 64)
