@@ -54,6 +54,12 @@ def compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being recorded into a CUDA graph rather than run: nothing
+    computed then may be cached for later eager calls (captured kernels run only at replay)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 PATHS = ("triton", "separable", "reference")
 
 

@@ -13,13 +13,16 @@ once to the dtype the convolution runs in.
   those, so the cache is rebuilt instead of going stale. Writes through ``tensor.data`` bypass the
   version counter: call clear_fold_cache() after them (the README says so). Copies and pickles of
   the module drop the cache (it is rebuilt on the next call).
+- Never cached while a CUDA graph is being captured: captured kernels run only when the graph
+  replays, so a fold cached then would hold values never computed outside the graph. The fold is
+  captured with the rest instead (one eager call before capturing caches it, as warm-up does).
 """
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .dispatch import compiling
+from .dispatch import capturing, compiling
 from .frozen_bn import FrozenBatchNorm2d
 from .validation import check_module
 
@@ -116,6 +119,6 @@ def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Option
     # for backward by a later call with grad (e.g. a saliency map through frozen weights).
     with torch.inference_mode(False), torch.no_grad():
         folded = _fold(conv, bn, dtype, memory_format)
-    if stamp is not None:
+    if stamp is not None and not capturing(conv.weight.device):
         conv.__dict__[CACHE_ATTRS[0]] = DerivedCache(key, folded, tuple(sources))
     return folded

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import onednn
-from .dispatch import compiling, exporting
+from .dispatch import capturing, compiling, exporting
 from .fold_cache import clear_fold_cache, fold_needs_graph, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
 
@@ -132,7 +132,7 @@ def _fused_supported(device: torch.device, dtype: torch.dtype, memory_format: to
     ok = _FUSED_OK.get(key)
     if ok is not None:
         return ok
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         # The check copies to the device and synchronizes, which a CUDA graph capture forbids: run
         # unfused (capturable) now, and decide at the first call outside a capture.
         return False

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import capturing
 from .sine_params import SineParams
 
 
@@ -58,7 +59,8 @@ def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.dev
     dim_t = _FREQUENCIES.get(key)
     if dim_t is None:
         dim_t = sine_frequencies(num_pos_feats, temperature, device, rule).contiguous()
-        _FREQUENCIES[key] = dim_t
+        if not capturing(torch.device(device)):  # computed at replay only: not for eager calls
+            _FREQUENCIES[key] = dim_t
     return dim_t
 
 

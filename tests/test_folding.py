@@ -224,6 +224,23 @@ def test_a_wrong_input_raises_and_does_not_disable_the_fused_op(monkeypatch):
     assert not fused_conv._FUSED_REFUSED
 
 
+def test_no_fold_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """Captured kernels run only at replay: a fold cached during capture would never have been
+    computed outside the graph, so it is computed (captured) but not kept."""
+    from detr_fast import fold_cache
+    gen = torch.Generator().manual_seed(31)
+    conv = nn.Conv2d(3, 4, 1, bias=False)
+    bn = randomize_frozen_bn_(FrozenBatchNorm2d(4), gen)
+    with torch.no_grad():
+        monkeypatch.setattr(fold_cache, "capturing", lambda device: True)
+        first = fold_cache.folded_weight_and_bias(conv, bn)
+        assert fold_cache.CACHE_ATTRS[0] not in conv.__dict__
+        monkeypatch.setattr(fold_cache, "capturing", lambda device: False)
+        second = fold_cache.folded_weight_and_bias(conv, bn)
+        assert fold_cache.CACHE_ATTRS[0] in conv.__dict__
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_autocast_bfloat16_runs_folded_with_small_error():
     up, ours = _pair("resnet18", seed=20)
     x = _images(21, 48, 64)

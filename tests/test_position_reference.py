@@ -318,3 +318,17 @@ def test_downsample_mask_literal_case():
     mask = torch.ones(1, 8, 8, dtype=torch.bool)
     mask[0, :4, :5] = False
     assert torch.equal(downsample_mask_reference(mask, [2, 2]), torch.tensor([[[False, False], [True, True]]]))
+
+
+def test_frequencies_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """During a capture the frequencies are computed (captured) but not kept for eager calls."""
+    from detr_fast import reference
+    key = (6, 123.0, "cpu", "detr")
+    monkeypatch.delitem(reference._FREQUENCIES, key, raising=False)
+    monkeypatch.setattr(reference, "capturing", lambda device: True)
+    during = reference.cached_frequencies(6, 123.0, torch.device("cpu"))
+    assert key not in reference._FREQUENCIES
+    monkeypatch.setattr(reference, "capturing", lambda device: False)
+    after = reference.cached_frequencies(6, 123.0, torch.device("cpu"))
+    assert reference._FREQUENCIES[key] is after
+    torch.testing.assert_close(during, after, rtol=0, atol=0)
