@@ -480,10 +480,11 @@ def notes(report: Dict) -> List[str]:
         else:
             lines.append("allocator: glibc's defaults: large tensors get fresh pages at every allocation, and those "
                          "page faults are part of both sides' times (more of the reference's, which allocates more). "
-                         "How many there are depends on the process's heap history, so the speed-up can move by "
-                         "tens of percent from one run of this command to the next: "
-                         "compare several runs. With memory-keeping settings both run faster, the speed-up is "
-                         "smaller and stable (README, CPU).")
+                         "How many there are depends on the process's heap history, so the speed-up can move "
+                         "between runs of this command by more than its p25-p75 shows (~10% on the project's "
+                         "2-core VM; more for code that allocates more): compare several runs. With "
+                         "memory-keeping settings both run faster, and the speed-up is smaller and stable "
+                         "(README, CPU).")
     if report.get("model", model_zoo.JOINER) != model_zoo.JOINER:
         return lines + _model_notes(report)
     masks = rows.get("masks")
