@@ -481,7 +481,7 @@ def notes(report: Dict) -> List[str]:
             lines.append("allocator: glibc's defaults: large tensors get fresh pages at every allocation, and those "
                          "page faults are part of both sides' times (more of the reference's, which allocates more). "
                          "How many there are depends on the process's heap history, so the speed-up can move "
-                         "between runs of this command by more than its p25-p75 shows (~10% on the project's "
+                         "between runs of this command by more than its p25-p75 shows (10-15% on the project's "
                          "2-core VM; more for code that allocates more): compare several runs. With "
                          "memory-keeping settings both run faster, and the speed-up is smaller and stable "
                          "(README, CPU).")
