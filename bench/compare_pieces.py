@@ -10,15 +10,16 @@ from the repository root:
 
     python -m bench.compare_pieces [pairs] [batches, e.g. 1,2]
 """
+import functools
 import statistics
 import sys
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
 import detr_fast
+from bench.ab import alternate, speedup
 from detr_fast import fused_conv, model_zoo
 
 NEVER = 1 << 62
@@ -35,23 +36,15 @@ def main(pairs: int = 20, batches=(1, 2), model: Optional[nn.Module] = None, siz
             pixel_values = torch.randn(batch, 3, size, size, generator=gen)
             pixel_mask = torch.ones(batch, size, size, dtype=torch.long)
             thresholds = {"concatenated": NEVER, "piecewise": piecewise_from}
-            times = {side: [] for side in thresholds}
-            with torch.no_grad():
-                for side in list(thresholds) * 2:  # warm-up (and the packed weights of both)
-                    fused_conv.FRESH_PAGES_BYTES = thresholds[side]
-                    model.model.backbone(pixel_values, pixel_mask)
-                for r in range(pairs):
-                    for side in (("concatenated", "piecewise") if r % 2 == 0 else ("piecewise", "concatenated")):
-                        fused_conv.FRESH_PAGES_BYTES = thresholds[side]
-                        start = time.perf_counter()
-                        model.model.backbone(pixel_values, pixel_mask)
-                        times[side].append(time.perf_counter() - start)
-            ratios = sorted(c / p for c, p in zip(times["concatenated"], times["piecewise"]))
-            quantile = lambda q: ratios[int(q * (len(ratios) - 1))]  # noqa: E731
+
+            def run_with(threshold: int) -> None:
+                fused_conv.FRESH_PAGES_BYTES = threshold
+                model.model.backbone(pixel_values, pixel_mask)
+            with torch.no_grad():  # the warm-up also packs both sides' weights
+                times = alternate({side: functools.partial(run_with, t) for side, t in thresholds.items()}, pairs)
             median_ms = {side: statistics.median(t) * 1e3 for side, t in times.items()}
             print(f"batch {batch}: concatenated {median_ms['concatenated']:.0f} ms, piecewise "
-                  f"{median_ms['piecewise']:.0f} ms, speed-up median {statistics.median(ratios):.3f}x "
-                  f"(p25 {quantile(0.25):.3f}, p75 {quantile(0.75):.3f}), pairs {len(ratios)}")
+                  f"{median_ms['piecewise']:.0f} ms, {speedup(times['concatenated'], times['piecewise'], 3)}")
     finally:
         fused_conv.FRESH_PAGES_BYTES = piecewise_from
 

@@ -10,11 +10,11 @@ pairs alternate their order. Run from the repository root:
 import copy
 import statistics
 import sys
-import time
 
 import torch
 
 import detr_fast
+from bench.ab import alternate, speedup
 from tests.upstream_reference import DEFORMABLE_LAYERS, DETR_DETECTION_LAYERS, upstream_joiner, upstream_pad
 
 
@@ -27,20 +27,11 @@ def main(pairs: int = 12) -> None:
         images = [torch.randn(3, 400, 533, generator=gen), torch.randn(3, 375, 666, generator=gen)]
         sides = {"upstream": lambda: upstream(upstream_pad(images)),
                  "detr_fast": lambda: converted(detr_fast.nested_tensor_from_tensor_list(images))}
-        times = {side: [] for side in sides}
         with torch.no_grad():
-            for run in list(sides.values()) * 2:  # warm-up
-                run()
-            for r in range(pairs):
-                for side in (("upstream", "detr_fast") if r % 2 == 0 else ("detr_fast", "upstream")):
-                    start = time.perf_counter()
-                    sides[side]()
-                    times[side].append(time.perf_counter() - start)
-        ratios = sorted(u / f for u, f in zip(times["upstream"], times["detr_fast"]))
-        quantile = lambda q: ratios[int(q * (len(ratios) - 1))]  # noqa: E731
+            times = alternate(sides, pairs)
         print(f"{name}: upstream {statistics.median(times['upstream']) * 1e3:.0f} ms, detr_fast "
-              f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, speed-up median {statistics.median(ratios):.2f}x "
-              f"(p25 {quantile(0.25):.2f}, p75 {quantile(0.75):.2f}), pairs {len(ratios)}")
+              f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, "
+              f"{speedup(times['upstream'], times['detr_fast'])}")
 
 
 if __name__ == "__main__":

@@ -213,8 +213,9 @@ def fold_body(body: nn.Module, path: str, undo: Undo, report: ConversionReport) 
     result = undo.fold(body)
     report.skipped += [(join_path(path, where), why) for where, why in result.skipped]
     if result.changes:
-        report.swapped.append(f"{join_path(path)}: folded {result.pairs} conv+BN pairs "
-                              f"({result.describe_structures()})")
+        structures = result.describe_structures()  # empty when the fold only undid earlier ones
+        report.swapped.append(f"{join_path(path)}: folded {result.pairs} conv+BN pairs"
+                              + (f" ({structures})" if structures else ""))
     return result
 
 

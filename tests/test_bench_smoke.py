@@ -318,6 +318,16 @@ def test_plot_two_runs_each_use_their_own_reference(tmp_path):
         plot.main(paths + [str(tmp_path / "c.json"), "--markdown", "-"])
 
 
+def test_ab_alternates_the_order_and_summarises_the_per_pair_ratios():
+    from bench import ab
+    order = []
+    times = ab.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, pairs=3)
+    assert order == ["a", "b"] * 2 + ["a", "b", "b", "a", "a", "b"]  # warm-up, then a b, b a, a b
+    assert [len(t) for t in times.values()] == [3, 3]
+    # Ratios 2, 3, 4 (slow / fast), hand-computed: median 3, p25 2, p75 3.
+    assert ab.speedup([2.0, 6.0, 12.0], [1.0, 2.0, 3.0]) == "speed-up median 3.00x (p25 2.00, p75 3.00), pairs 3"
+
+
 def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the D-FINE A/B needs the 'hf' extra")
     import detr_fast
