@@ -75,8 +75,8 @@ install_rc=$?
 # The kernels are importable only through the install (setup.py maps kernels/ to detr_fast.kernels):
 # without it every step would fail for a reason its log hides.
 UNUSABLE=
-if ! "$PY" -c "import detr_fast.kernels" >>"$OUT/install.log" 2>&1; then
-    echo "run_gpu.sh: 'import detr_fast.kernels' fails after the install, so no step runs; $OUT/install.log:" >&2
+if ! "$PY" -c "import detr_fast.kernels.sine_embedding" >>"$OUT/install.log" 2>&1; then
+    echo "run_gpu.sh: 'import detr_fast.kernels.sine_embedding' fails after the install, so no step runs; $OUT/install.log:" >&2
     tail -n 20 "$OUT/install.log" >&2
     [ "$install_rc" -eq 0 ] && install_rc=1
     UNUSABLE=1

@@ -5,6 +5,7 @@ directory on sys.path cannot make the repository's folders importable by acciden
 is what an installed detr_fast provides.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ def _run(args, cwd, **kwargs):
 
 
 def test_detr_fast_kernels_is_the_repository_kernels_folder():
-    import detr_fast.kernels
+    import detr_fast.kernels.sine_embedding
 
-    assert Path(detr_fast.kernels.__file__).resolve().parent == REPO / "kernels"
+    assert Path(detr_fast.kernels.sine_embedding.__file__).resolve().parent == REPO / "kernels"
 
 
 def test_top_level_kernels_is_not_ours(tmp_path):
@@ -49,6 +50,35 @@ def test_build_puts_kernels_under_detr_fast_only(tmp_path):
     assert not (tmp_path / "kernels").exists()
     for source in (REPO / "kernels").glob("*.py"):
         assert (tmp_path / "detr_fast" / "kernels" / source.name).is_file(), source.name
+
+
+def test_installed_kernels_wins_from_the_repository_root(tmp_path):
+    # transformers >= 5.25 imports Hugging Face's `kernels` distribution. Started in the root (as
+    # pytest, the README's examples and user scripts are), an interpreter has the root on sys.path
+    # first; kernels/ has no __init__.py, so it is at most a namespace portion, and an installed
+    # regular package of that name wins. The stand-in is a distribution: a package plus its metadata.
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("STAND_IN = True\n")
+    (site / "kernels-0.0.1.dist-info").mkdir()
+    (site / "kernels-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.0.1\n")
+    code = (
+        "import importlib.metadata, kernels\n"
+        "print(kernels.STAND_IN, importlib.metadata.version('kernels'), kernels.__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for cwd in (REPO, REPO / "tests"):
+        result = _run(["-c", code], cwd=cwd, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("True 0.0.1 "), result.stdout
+        assert Path(result.stdout.split()[-1]).resolve() == site / "kernels" / "__init__.py"
+
+
+def test_repository_has_no_top_level_package_named_kernels():
+    # The rule behind the test above, for every folder: none of the root's folders that hold Python
+    # code may be a regular package except detr_fast (bench and tests are test-only packages).
+    regular = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    assert regular <= {"detr_fast", "bench", "tests"}, regular
 
 
 def test_cli_help(tmp_path):
