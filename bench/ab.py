@@ -1,7 +1,7 @@
 """The A/B loop of the bench scripts that compare two ways of running one thing (compare_upstream,
 compare_pieces): two warm-up rounds, then pairs whose order alternates (a b, b a, ...), and the
 per-pair ratios' median and quartiles. (`python -m detr_fast profile` has its own, with block
-ratios and a time budget: detr_fast.profile.interleave.)"""
+ratios and a time budget: detr_fast.timing.interleave.)"""
 import statistics
 import time
 from typing import Any, Callable, Dict, List

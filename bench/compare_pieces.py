@@ -2,7 +2,7 @@
 
 One converted D-FINE (default config, the L layout's HGNetV2) runs its backbone stage,
 model.model.backbone(pixel_values, pixel_mask), at 640x640, alternating between
-detr_fast.fused_conv.FRESH_PAGES_BYTES at its value (concatenations of 32 MiB or more convolved
+detr_fast.fold.fused_conv.FRESH_PAGES_BYTES at its value (concatenations of 32 MiB or more convolved
 piece by piece) and at "never" (every concatenation made, as transformers does). The same model and
 process on both sides: two models in one process measured a difference that the A/B on one model
 did not confirm. 2 threads, fp32, no_grad; pairs alternate their order. Needs transformers. Run
@@ -20,7 +20,8 @@ from torch import nn
 
 import detr_fast
 from bench.ab import alternate, speedup
-from detr_fast import fused_conv, model_zoo
+from detr_fast.fold import fused_conv
+from detr_fast.measure import model_zoo
 
 NEVER = 1 << 62
 

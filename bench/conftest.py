@@ -8,10 +8,10 @@ The same command runs on CPU and CUDA; the defaults follow the device (full DETR
 float32 + bfloat16 on CUDA; a quarter of the size and float32 on a CPU, so that the whole run takes
 minutes on two cores). The model stage (test_bench_model.py: whole transformers detectors) has
 its own sizes and batch per detector (--bench-models, --bench-model-scale; see
-stages.model_case). Each test module sets STAGE; every test is parametrized by the case
+measure.model_case). Each test module sets STAGE; every test is parametrized by the case
 (level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
 shape share a benchmark group, so the comparison table lines reference, detr_fast, compile and
-onnxruntime up. What each row runs is defined once, in detr_fast.stages (shared with
+onnxruntime up. What each row runs is defined once, in detr_fast.measure.stages (shared with
 `python -m detr_fast profile` and tests/test_bench_smoke.py).
 """
 import signal
@@ -27,8 +27,9 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[test]'") from err
 
-from detr_fast import model_zoo, stages
-from detr_fast.profile import peak_memory
+from detr_fast import measure
+from detr_fast.measure import model_zoo
+from detr_fast.measure.timing import peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
 CUDA_DEFAULT_SCALE = 1.0
@@ -62,12 +63,12 @@ def pytest_addoption(parser):
                     help="image size factor for the cheap stages (pad, masks, pos, masks_pos); default "
                          "1.0 everywhere: at a reduced size their levels are a few pixels and the "
                          "numbers measure Python call overhead, not the work")
-    group.addoption("--bench-impls", default=",".join(stages.IMPLS),
-                    help=f"comma-separated among {', '.join(stages.IMPLS)} (default all)")
-    group.addoption("--bench-models", default=",".join(stages.BENCH_MODELS),
-                    help=f"the model stage's detectors (transformers, random weights, detr_fast.model_zoo): "
+    group.addoption("--bench-impls", default=",".join(measure.IMPLS),
+                    help=f"comma-separated among {', '.join(measure.IMPLS)} (default all)")
+    group.addoption("--bench-models", default=",".join(measure.BENCH_MODELS),
+                    help=f"the model stage's detectors (transformers, random weights, detr_fast.measure.model_zoo): "
                          f"comma-separated among {', '.join(model_zoo.MODELS)} (default "
-                         f"{','.join(stages.BENCH_MODELS)})")
+                         f"{','.join(measure.BENCH_MODELS)})")
     group.addoption("--bench-model-scale", type=float, default=1.0,
                     help="image size factor of the model stage (default 1.0: on CUDA DETR's pair and 640x640; "
                          "on CPU two 400x600 images for the DETR family and 640x640 for rtdetr and dfine)")
@@ -91,19 +92,19 @@ class Settings:
     def scale_of(self, stage: str) -> float:
         """--bench-scale for the network stages, --bench-light-scale for the cheap ones,
         --bench-model-scale for the model stage."""
-        if stage == stages.MODEL_STAGE:
+        if stage == measure.MODEL_STAGE:
             return self.model_scale
-        return self.scale if stage in stages.NETWORK_STAGES else self.light_scale
+        return self.scale if stage in measure.NETWORK_STAGES else self.light_scale
 
-    def cases(self, stage: str) -> List[stages.Case]:
-        if stage == stages.MODEL_STAGE:
-            return stages.model_cases(self.models, self.model_scale, self.dtypes, self.device)
-        return stages.cases(stage, self.scale_of(stage), self.batches, self.dtypes)
+    def cases(self, stage: str) -> List[measure.Case]:
+        if stage == measure.MODEL_STAGE:
+            return measure.model_cases(self.models, self.model_scale, self.dtypes, self.device)
+        return measure.cases(stage, self.scale_of(stage), self.batches, self.dtypes)
 
-    def case(self, stage: str, level: str, dtype: str, batch: int) -> stages.Case:
-        if stage == stages.MODEL_STAGE:
-            return stages.model_case(level, dtype, self.device, self.model_scale)
-        return stages.Case(stage, level, dtype, batch, self.scale_of(stage))
+    def case(self, stage: str, level: str, dtype: str, batch: int) -> measure.Case:
+        if stage == measure.MODEL_STAGE:
+            return measure.model_case(level, dtype, self.device, self.model_scale)
+        return measure.Case(stage, level, dtype, batch, self.scale_of(stage))
 
 
 def _split(value: str, option: str, allowed=None) -> List[str]:
@@ -152,8 +153,8 @@ def settings(config) -> Settings:
     model_scale = config.getoption("--bench-model-scale")
     if not 0 < model_scale <= 4:
         raise pytest.UsageError(f"--bench-model-scale must be in (0, 4], got {model_scale}")
-    result = Settings(device, scale, light_scale, batches, _split(dtypes, "--bench-dtypes", stages.DTYPES),
-                      _split(config.getoption("--bench-impls"), "--bench-impls", stages.IMPLS), warmup,
+    result = Settings(device, scale, light_scale, batches, _split(dtypes, "--bench-dtypes", measure.DTYPES),
+                      _split(config.getoption("--bench-impls"), "--bench-impls", measure.IMPLS), warmup,
                       _split(config.getoption("--bench-models"), "--bench-models", model_zoo.MODELS), model_scale)
     config._detr_fast_bench_settings = result
     return result
@@ -173,7 +174,7 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def case(request, level, dtype, batch, shape) -> stages.Case:
+def case(request, level, dtype, batch, shape) -> measure.Case:
     stage = request.module.STAGE
     result = settings(request.config).case(stage, level, dtype, batch)
     assert result.shape == shape and result.batch == batch
@@ -204,19 +205,19 @@ def run_stage(benchmark, request):
     """run_stage(case, impl): build, warm up (compilation included), check, then measure."""
     s = settings(request.config)
 
-    def run(case: stages.Case, impl: str) -> None:
+    def run(case: measure.Case, impl: str) -> None:
         benchmark.group = case.group
         benchmark.extra_info.update({
-            "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": stages.device_name(s.device),
+            "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": measure.device_name(s.device),
             "dtype": case.dtype, "batch": case.batch, "shape": case.shape, "level": case.level,
             "scale": case.scale, "image_sizes": [list(hw) for hw in case.image_sizes],
             "threads": torch.get_num_threads(),
         })
-        if case.stage == stages.MODEL_STAGE:
+        if case.stage == measure.MODEL_STAGE:
             benchmark.extra_info["model"] = model_zoo.describe(case.level, case.tiny)
         try:
-            runner = stages.build(case, impl, s.device)
-        except stages.Unavailable as why:
+            runner = measure.build(case, impl, s.device)
+        except measure.Unavailable as why:
             pytest.skip(f"{impl} unavailable: {why}")
         fn = _synchronized(runner.fn, s.device)
         with torch.no_grad():
@@ -242,7 +243,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     commit_info already; keeping it out of machine_info lets --benchmark-compare compare commits
     on one machine without a "machine_info is different" warning.)"""
     s = settings(config)
-    info = {"device": str(s.device), "device_name": stages.device_name(s.device), "torch": torch.__version__,
+    info = {"device": str(s.device), "device_name": measure.device_name(s.device), "torch": torch.__version__,
             "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup,
             "model_scale": s.model_scale, "threads": torch.get_num_threads()}
     try:

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import detr_fast
-from detr_fast import model_zoo
+from detr_fast.measure import model_zoo
 
 # oneDNN's convolutions: (input, weight[, ...]) and the in-place one (output, input, weight, ...).
 CONV_OPS = {"mkldnn::_convolution_pointwise": (0, 1), "mkldnn::_convolution_pointwise_": (1, 2)}

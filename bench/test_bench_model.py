@@ -1,5 +1,5 @@
 """Whole detectors, full forward: transformers' DetrForObjectDetection (default config: timm
-ResNet-50) and RTDetrForObjectDetection (RT-DETR-R50), random weights (detr_fast.model_zoo).
+ResNet-50) and RTDetrForObjectDetection (RT-DETR-R50), random weights (detr_fast.measure.model_zoo).
 
 On CPU: DETR on two 400x600 images with their pixel_mask (issue 10's target), RT-DETR on one 640x640
 image; on CUDA: DETR's pair (800x1066, 750x1333) and 640x640. Implementations: the model as

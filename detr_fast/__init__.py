@@ -3,21 +3,18 @@
 The names here follow Deformable-DETR's conventions (the seed's); DETR's are in detr_fast.detr.
 """
 from .backbone import Backbone, BackboneBase, Joiner, build_backbone
-from .conversion import ConversionReport
-from .convert import conversion_report, convert
+from .conversion import ConversionReport, conversion_report, convert
 from .dispatch import BACKENDS
-from .fold_cache import clear_fold_cache
-from .folding import fold_frozen_bn, unfold_frozen_bn
-from .frozen_bn import FrozenBatchNorm2d
+from .fold import FrozenBatchNorm2d, clear_fold_cache, fold_frozen_bn, unfold_frozen_bn
 from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from .ops import sine_masks_pos  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos; no Triton)
-from .position_encoding import (
-                                PositionEmbeddingLearned,
-                                PositionEmbeddingSine,
-                                build_position_encoding,
-                                sine_position_embedding,
+from .sine import (
+    PositionEmbeddingLearned,
+    PositionEmbeddingSine,
+    SineParams,
+    build_position_encoding,
+    sine_masks_pos,  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos; no Triton)
+    sine_position_embedding,
 )
-from .sine_params import SineParams
 
 __version__ = "0.1.0"
 

@@ -9,11 +9,9 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .joiner import JoinerBase
-from .levels import announced_for, compute_levels, remember_pos
 from .nested_tensor import NestedTensor, nested_like, trusted_image_sizes
-from .position_encoding import build_position_encoding
-from .reference import downsample_mask_reference
 from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
+from .sine import announced_for, build_position_encoding, compute_levels, downsample_mask_reference, remember_pos
 from .validation import check_mask, check_nested_tensor
 
 

@@ -3,8 +3,8 @@ from torch import nn
 
 from .backbone import MaskedBackboneBase
 from .joiner import JoinerBase
-from .position_encoding import build_position_encoding
 from .resnet import layer_channels, make_frozen_resnet
+from .sine import build_position_encoding
 
 
 class BackboneBase(MaskedBackboneBase):

@@ -5,9 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import compiling
-from .levels import POS_DTYPES, announce_embedding, compute_levels
 from .nested_tensor import NestedTensor, trusted_image_sizes
-from .position_encoding import PositionEmbeddingSine
+from .sine import POS_DTYPES, PositionEmbeddingSine, announce_embedding, compute_levels
 from .validation import check_mask, check_nested_tensor
 
 
@@ -16,7 +15,7 @@ class JoinerBase(nn.Sequential):
 
     Calls ``self[0]`` once and ``self[1]`` once per level, as the reference does (their forward
     hooks fire as in the reference). With a PositionEmbeddingSine the backbone is told the
-    embedding beforehand (detr_fast.levels.announce_embedding), so that each level's mask and pos
+    embedding beforehand (detr_fast.sine.levels.announce_embedding), so that each level's mask and pos
     are computed together — one fused kernel launch per level on the kernels, from the image sizes
     alone on the separable CPU fallback — and the embedding returns the pos already computed.
     """

@@ -5,7 +5,7 @@ from typing import Dict
 import torchvision
 from torch import nn
 
-from .frozen_bn import FrozenBatchNorm2d
+from .fold import FrozenBatchNorm2d
 
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                 "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",

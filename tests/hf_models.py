@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from detr_fast.model_zoo import TINY_REALTIME_HEAD, constant_query_scores, randomize_backbone, tiny_realtime_settings
+from detr_fast.measure.model_zoo import (
+    TINY_REALTIME_HEAD,
+    constant_query_scores,
+    randomize_backbone,
+    tiny_realtime_settings,
+)
 
 transformers = pytest.importorskip("transformers", reason="the transformers tests need the 'hf' extra")
 pytest.importorskip("timm", reason="the transformers tests need the 'hf' extra (timm)")

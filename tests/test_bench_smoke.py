@@ -1,6 +1,6 @@
 """Every benchmark's function run once at a tiny size on CPU: right output, no timing.
 
-The suites in bench/ time exactly these runners (detr_fast.stages, also what
+The suites in bench/ time exactly these runners (detr_fast.measure.stages, also what
 `python -m detr_fast profile` runs), so a benchmark that breaks, or that would time something
 computing the wrong thing, fails here in CI. The plot script's helpers are tested at the end.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_fast import stages
+from detr_fast import dispatch, measure
 
 SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
 CPU = torch.device("cpu")
-# Largest error allowed per stage in float32 (see stages.Runner.error for what each one measures):
+# Largest error allowed per stage in float32 (see measure.Runner.error for what each one measures):
 # pad and masks are copies and must be exact; pos is the float32 embedding; features, logits and
 # boxes are relative.
 TOLERANCE = {"pad": 0.0, "masks": 0.0, "pos": 2e-5, "masks_pos": 2e-5, "backbone": 1e-4, "joiner": 1e-4,
@@ -25,35 +25,35 @@ TOLERANCE = {"pad": 0.0, "masks": 0.0, "pos": 2e-5, "masks_pos": 2e-5, "backbone
 
 
 def _all_cases():
-    for stage in stages.STAGES:
-        for case in stages.cases(stage, SCALE, [2], ["float32"]):
+    for stage in measure.STAGES:
+        for case in measure.cases(stage, SCALE, [2], ["float32"]):
             for impl in ("reference", "detr_fast"):
                 yield pytest.param(case, impl, id=f"{stage}-{case.id}-{impl}")
     # An odd batch (the pair repeated and cut) and reduced precision, once per stage kind.
-    yield pytest.param(stages.Case("pad", "images", "float32", 3, SCALE), "detr_fast", id="pad-b3")
-    yield pytest.param(stages.Case("masks_pos", "s8", "bfloat16", 3, SCALE), "detr_fast", id="masks_pos-bf16")
-    yield pytest.param(stages.Case("pos", "s16", "bfloat16", 2, SCALE), "detr_fast", id="pos-bf16")
+    yield pytest.param(measure.Case("pad", "images", "float32", 3, SCALE), "detr_fast", id="pad-b3")
+    yield pytest.param(measure.Case("masks_pos", "s8", "bfloat16", 3, SCALE), "detr_fast", id="masks_pos-bf16")
+    yield pytest.param(measure.Case("pos", "s16", "bfloat16", 2, SCALE), "detr_fast", id="pos-bf16")
     # A level stage over all levels of a variant (what the profile runs).
-    yield pytest.param(stages.Case("masks_pos", "layers2-4", "float32", 2, SCALE), "detr_fast", id="masks_pos-all")
+    yield pytest.param(measure.Case("masks_pos", "layers2-4", "float32", 2, SCALE), "detr_fast", id="masks_pos-all")
     # The ONNX Runtime peer (skipped with the reason where onnxruntime is not installed).
-    yield pytest.param(stages.Case("backbone", "layers2-4", "float32", 2, SCALE), "onnxruntime", id="backbone-ort")
+    yield pytest.param(measure.Case("backbone", "layers2-4", "float32", 2, SCALE), "onnxruntime", id="backbone-ort")
 
 
-def _model_case(model: str, dtype: str = "float32") -> stages.Case:
+def _model_case(model: str, dtype: str = "float32") -> measure.Case:
     # The model stage's CPU case of `model`, tiny (small head and backbone) at a tenth of the size:
     # two 40x60 images with their pixel_mask for DETR, one 64x64 image for RT-DETR.
-    return stages.model_case(model, dtype, CPU, scale=0.1, tiny=True)
+    return measure.model_case(model, dtype, CPU, scale=0.1, tiny=True)
 
 
 MODEL_CASES = [pytest.param(_model_case(model), impl, id=f"model-{model}-{impl}")
-               for model in stages.BENCH_MODELS for impl in ("reference", "detr_fast")]
+               for model in measure.BENCH_MODELS for impl in ("reference", "detr_fast")]
 
 
 @pytest.mark.parametrize("case,impl", list(_all_cases()) + MODEL_CASES)
 def test_runner_output_matches_reference(case, impl):
     try:
-        runner = stages.build(case, impl, CPU)
-    except stages.Unavailable as why:
+        runner = measure.build(case, impl, CPU)
+    except measure.Unavailable as why:
         pytest.skip(str(why))
     with torch.no_grad():
         out = runner.fn()
@@ -65,19 +65,19 @@ def test_runner_output_matches_reference(case, impl):
 def test_error_functions_detect_a_wrong_output():
     # The checks above can fail: a perturbed output is reported.
     with torch.no_grad():
-        runner = stages.build(stages.Case("pos", "s16", "float32", 2, SCALE), "reference", CPU)
+        runner = measure.build(measure.Case("pos", "s16", "float32", 2, SCALE), "reference", CPU)
         pos = runner.fn()
         assert runner.error(pos) == 0
         assert runner.error([p + 1e-3 for p in pos]) == pytest.approx(1e-3, rel=1e-2)
         with pytest.raises(AssertionError, match="dtype"):
             runner.error([p.double() for p in pos])
 
-        runner = stages.build(stages.Case("masks", "s8", "float32", 2, SCALE), "reference", CPU)
+        runner = measure.build(measure.Case("masks", "s8", "float32", 2, SCALE), "reference", CPU)
         mask = runner.fn()[0].clone()
         mask[0, -1, -1] = ~mask[0, -1, -1]
         assert runner.error([mask]) == 1
 
-        runner = stages.build(stages.Case("joiner", "layers2-4", "float32", 2, SCALE), "reference", CPU)
+        runner = measure.build(measure.Case("joiner", "layers2-4", "float32", 2, SCALE), "reference", CPU)
         levels, pos = runner.fn()
         levels[0].tensors.mul_(1.01)
         assert runner.error((levels, pos)) == pytest.approx(0.01, rel=1e-2)
@@ -88,28 +88,28 @@ def test_error_functions_detect_a_wrong_output():
 def test_model_stage_cases_and_errors():
     # The model stage's cases: DETR on two 400x600 images on CPU (issue 10), DETR's pair on CUDA,
     # RT-DETR on one 640x640 image; ids and groups name the detector and the padded input.
-    cpu = stages.model_cases(stages.BENCH_MODELS, 1.0, ["float32"], CPU)
+    cpu = measure.model_cases(measure.BENCH_MODELS, 1.0, ["float32"], CPU)
     assert [(c.level, c.batch, c.shape) for c in cpu] == [("detr", 2, "2x3x400x600"), ("rtdetr", 1, "1x3x640x640")]
     assert cpu[0].id == "detr-float32-b2-2x3x400x600" and cpu[0].group == "model detr float32 2x3x400x600"
-    cuda = stages.model_cases(["detr"], 1.0, ["bfloat16"], torch.device("cuda"))
+    cuda = measure.model_cases(["detr"], 1.0, ["bfloat16"], torch.device("cuda"))
     assert cuda[0].image_sizes == [(800, 1066), (750, 1333)] and cuda[0].shape == "2x3x800x1333"
     assert _model_case("detr").id.endswith("-tiny")
     with pytest.raises(ValueError, match="level"):
-        stages.Case("model", "layer4", "float32", 2, 1.0)
+        measure.Case("model", "layer4", "float32", 2, 1.0)
     with pytest.raises(ValueError, match="tiny"):
-        stages.Case("backbone", "layer4", "float32", 2, 1.0, tiny=True)
+        measure.Case("backbone", "layer4", "float32", 2, 1.0, tiny=True)
     with pytest.raises(ValueError, match="sizes"):
-        stages.Case("model", "detr", "float32", 2, 1.0, sizes=())
+        measure.Case("model", "detr", "float32", 2, 1.0, sizes=())
     pytest.importorskip("transformers", reason="the model stage needs the 'hf' extra")
     # The onnxruntime peer has no model stage; the compile runner is made (not run: compiling a
     # whole detector takes minutes here) where torch.compile can run.
-    with pytest.raises(stages.Unavailable, match="backbone stage only"):
-        stages.build(_model_case("detr"), "onnxruntime", CPU)
-    if stages.compile_unavailable_reason(CPU) is None:
-        assert isinstance(stages.detector_implementation("compile", "detr", CPU, tiny=True), stages.Compiled)
+    with pytest.raises(measure.Unavailable, match="backbone stage only"):
+        measure.build(_model_case("detr"), "onnxruntime", CPU)
+    if measure.compile_unavailable_reason(CPU) is None:
+        assert isinstance(measure.detector_implementation("compile", "detr", CPU, tiny=True), measure.Compiled)
     # A wrong output is reported: perturbed boxes, a missing query.
     with torch.no_grad():
-        runner = stages.build(_model_case("detr"), "reference", CPU)
+        runner = measure.build(_model_case("detr"), "reference", CPU)
         out = runner.fn()
         assert runner.error(out) == 0
         out.pred_boxes.mul_(1.01)
@@ -121,86 +121,86 @@ def test_model_stage_cases_and_errors():
 
 def test_model_stage_without_transformers_is_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    case = stages.model_case("rtdetr", "float32", CPU, scale=0.1, tiny=True)
-    stages.detectors.cache_clear()
-    with pytest.raises(stages.Unavailable, match="transformers"):
-        stages.build(case, "reference", CPU)
+    case = measure.model_case("rtdetr", "float32", CPU, scale=0.1, tiny=True)
+    measure.detectors.cache_clear()
+    with pytest.raises(measure.Unavailable, match="transformers"):
+        measure.build(case, "reference", CPU)
 
 
 def test_case_shapes_are_the_real_ones():
     # The shapes named in benchmark ids and groups are those the ResNet and the padding produce.
     with torch.no_grad():
-        for variant in stages.VARIANTS:
-            case = stages.Case("backbone", variant, "float32", 3, SCALE)
-            feats = stages.build(case, "reference", CPU).fn()
+        for variant in measure.VARIANTS:
+            case = measure.Case("backbone", variant, "float32", 3, SCALE)
+            feats = measure.build(case, "reference", CPU).fn()
             strides = [32] if variant == "layer4" else [8, 16, 32]
             assert list(case.strides) == strides
             for feature, stride in zip(feats.values(), strides):
-                level = stages.Case("masks", f"s{stride}", "float32", 3, SCALE)
+                level = measure.Case("masks", f"s{stride}", "float32", 3, SCALE)
                 assert tuple(feature.shape[-2:]) == level.level_size
             # A level stage over a variant means all its levels (what the profile runs).
-            assert stages.Case("pos", variant, "float32", 3, SCALE).level_sizes == \
+            assert measure.Case("pos", variant, "float32", 3, SCALE).level_sizes == \
                 [tuple(f.shape[-2:]) for f in feats.values()]
-        case = stages.Case("pad", "images", "float32", 3, SCALE)
-        nt_shape = "x".join(str(d) for d in stages.build(case, "detr_fast", CPU).fn().tensors.shape)
+        case = measure.Case("pad", "images", "float32", 3, SCALE)
+        nt_shape = "x".join(str(d) for d in measure.build(case, "detr_fast", CPU).fn().tensors.shape)
         assert case.shape == nt_shape == "3x3x40x67"
-    assert stages.Case("pos", "s32", "float32", 2, SCALE).shape == f"2x{stages.POS_CHANNELS}x2x3"
-    assert stages.Case("masks", "s8", "float32", 8, 1.0).shape == "8x100x167"
-    assert stages.Case("masks", "layers2-4", "float32", 2, 1.0).shape == "2x100x167+50x84+25x42"
+    assert measure.Case("pos", "s32", "float32", 2, SCALE).shape == f"2x{measure.POS_CHANNELS}x2x3"
+    assert measure.Case("masks", "s8", "float32", 8, 1.0).shape == "8x100x167"
+    assert measure.Case("masks", "layers2-4", "float32", 2, 1.0).shape == "2x100x167+50x84+25x42"
 
 
 def test_cases_and_bad_arguments():
-    assert [c.level for c in stages.cases("pos", 1.0, [2], ["float32"])] == ["s8", "s16", "s32"]
+    assert [c.level for c in measure.cases("pos", 1.0, [2], ["float32"])] == ["s8", "s16", "s32"]
     # masks are bool whatever the dtype: one dtype only.
-    assert len(stages.cases("masks", 1.0, [2, 8], ["float32", "bfloat16"])) == 6
-    assert len(stages.cases("backbone", 1.0, [2, 8], ["float32", "bfloat16"])) == 8
+    assert len(measure.cases("masks", 1.0, [2, 8], ["float32", "bfloat16"])) == 6
+    assert len(measure.cases("backbone", 1.0, [2, 8], ["float32", "bfloat16"])) == 8
     with pytest.raises(ValueError, match="stage"):
-        stages.cases("nope", 1.0, [2], ["float32"])
+        measure.cases("nope", 1.0, [2], ["float32"])
     with pytest.raises(ValueError, match="dtype"):
-        stages.Case("pad", "images", "float64", 2, 1.0)
+        measure.Case("pad", "images", "float64", 2, 1.0)
     with pytest.raises(ValueError, match="batch"):
-        stages.Case("pad", "images", "float32", 0, 1.0)
+        measure.Case("pad", "images", "float32", 0, 1.0)
     with pytest.raises(ValueError, match="level"):
-        stages.Case("backbone", "s8", "float32", 2, 1.0)
+        measure.Case("backbone", "s8", "float32", 2, 1.0)
     with pytest.raises(ValueError, match="impl"):
-        stages.build(stages.Case("pad", "images", "float32", 2, SCALE), "fast", CPU)
+        measure.build(measure.Case("pad", "images", "float32", 2, SCALE), "fast", CPU)
 
 
 def test_onnxruntime_peer_says_why_it_does_not_run(monkeypatch):
     # Backbone only, float32 only, CPU only; and an optional extra.
-    assert stages.onnxruntime_unavailable_reason(torch.device("cuda")) is not None
+    assert measure.onnxruntime_unavailable_reason(torch.device("cuda")) is not None
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-        assert "not installed" in stages.onnxruntime_unavailable_reason(CPU)
-    if stages.onnxruntime_unavailable_reason(CPU) is not None:
-        with pytest.raises(stages.Unavailable, match="onnxruntime"):
-            stages.build(stages.Case("backbone", "layer4", "float32", 2, SCALE), "onnxruntime", CPU)
+        assert "not installed" in measure.onnxruntime_unavailable_reason(CPU)
+    if measure.onnxruntime_unavailable_reason(CPU) is not None:
+        with pytest.raises(measure.Unavailable, match="onnxruntime"):
+            measure.build(measure.Case("backbone", "layer4", "float32", 2, SCALE), "onnxruntime", CPU)
         return
-    with pytest.raises(stages.Unavailable, match="backbone stage only"):
-        stages.build(stages.Case("pos", "s32", "float32", 2, SCALE), "onnxruntime", CPU)
-    with pytest.raises(stages.Unavailable, match="float32"):
-        stages.build(stages.Case("backbone", "layer4", "bfloat16", 2, SCALE), "onnxruntime", CPU)
+    with pytest.raises(measure.Unavailable, match="backbone stage only"):
+        measure.build(measure.Case("pos", "s32", "float32", 2, SCALE), "onnxruntime", CPU)
+    with pytest.raises(measure.Unavailable, match="float32"):
+        measure.build(measure.Case("backbone", "layer4", "bfloat16", 2, SCALE), "onnxruntime", CPU)
 
 
 def test_detr_fast_masks_row_runs_what_detr_fast_runs(monkeypatch):
     # On CPU, detr_fast's masks come from the image sizes, not from the reference's F.interpolate;
     # on the kernels' path (CUDA with Triton) the masks alone are the reference's function.
     monkeypatch.delenv("DETR_FAST_BACKEND", raising=False)
-    runs = stages.implementation("detr_fast", None, CPU)
+    runs = measure.implementation("detr_fast", None, CPU)
     assert not runs.same_as_reference("masks", CPU)
-    assert runs.same_as_reference("masks", torch.device("cuda")) == stages.triton_available()
+    assert runs.same_as_reference("masks", torch.device("cuda")) == dispatch.triton_available()
 
 
-@pytest.mark.skipif(stages.compile_unavailable_reason(CPU) is not None,
-                    reason=str(stages.compile_unavailable_reason(CPU)))
+@pytest.mark.skipif(measure.compile_unavailable_reason(CPU) is not None,
+                    reason=str(measure.compile_unavailable_reason(CPU)))
 def test_compile_runner_once():
     # torch.compile of the reference, on the cheapest stage (compiling ResNet-50 takes minutes here),
     # with inductor's freezing on while it compiles and restored afterwards.
     from torch._inductor import config
 
     before = config.freezing
-    case = stages.Case("masks", "s32", "float32", 2, SCALE)
-    runner = stages.build(case, "compile", CPU)
+    case = measure.Case("masks", "s32", "float32", 2, SCALE)
+    runner = measure.build(case, "compile", CPU)
     seen = []
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         compile_fx = __import__("torch._inductor.compile_fx", fromlist=["compile_fx"])
@@ -332,7 +332,7 @@ def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monke
     pytest.importorskip("transformers", reason="the D-FINE A/B needs the 'hf' extra")
     import detr_fast
     from bench import compare_pieces
-    from detr_fast import fused_conv, onednn
+    from detr_fast.fold import fused_conv, onednn
     from tests.hf_models import build_realtime
     model = detr_fast.convert(build_realtime("dfine"))
     monkeypatch.setattr(fused_conv, "FRESH_PAGES_BYTES", 0)  # the piecewise side, at a tiny size
@@ -348,7 +348,7 @@ def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monke
 def test_op_breakdown_runs_on_a_tiny_model(capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the op breakdown needs the 'hf' extra")
     from bench import op_breakdown
-    from detr_fast import model_zoo
+    from detr_fast.measure import model_zoo
     build = model_zoo.build
     monkeypatch.setattr(model_zoo, "build", lambda name: build(name, tiny=True))
     op_breakdown.main("dfine", size=64, reps=1)

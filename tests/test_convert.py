@@ -8,8 +8,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 import detr_fast
 from detr_fast import ConversionReport, PositionEmbeddingSine, convert
-from detr_fast.convert import find_stages
-from detr_fast.folding import count_folded
+from detr_fast.conversion.api import find_stages
+from detr_fast.fold.folding import count_folded
 from tests.upstream_reference import (
     DEFORMABLE_LAYERS,
     DETR_DETECTION_LAYERS,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import detr_fast
-from detr_fast import onednn
-from detr_fast.fold_cache import CACHE_ATTRS
+from detr_fast.fold import onednn
+from detr_fast.fold.cache import CACHE_ATTRS
 from tests.upstream_reference import DEFORMABLE_LAYERS, DETR_SEGMENTATION_LAYERS, upstream_joiner
 
 pytestmark = pytest.mark.skipif(not onednn.usable(torch.float32, "packed"),

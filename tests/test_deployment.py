@@ -55,7 +55,7 @@ def test_torchscript_of_a_converted_joiner_runs_the_reference_computation():
     with torch.no_grad():
         _assert_matches(scripted(detr_fast.nested_tensor_from_tensor_list(images)), reference(upstream_pad(images)))
     # Scripting leaves the eager model folded.
-    assert detr_fast.folding.count_folded(converted) == 20
+    assert detr_fast.fold.count_folded(converted) == 20
 
 
 class _Exportable(nn.Module):
@@ -218,7 +218,7 @@ def test_a_failure_inside_convert_leaves_the_model_as_it_was(monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(detr_fast.convert_upstream, "_find_offset", broken)
+    monkeypatch.setattr(detr_fast.conversion.upstream, "_find_offset", broken)
     with pytest.raises(RuntimeError, match="boom"):
         detr_fast.convert(model)
     assert [(name, type(m)) for name, m in model.named_modules()] == classes

@@ -8,8 +8,9 @@ import torchvision
 from torch import nn
 
 import detr_fast
-from detr_fast import FrozenBatchNorm2d, fold_frozen_bn, fused_conv
-from detr_fast.folding import FoldedBasicBlock, FoldedBottleneck, count_folded, unfold_frozen_bn
+from detr_fast import FrozenBatchNorm2d, fold_frozen_bn
+from detr_fast.fold import fused_conv
+from detr_fast.fold.folding import FoldedBasicBlock, FoldedBottleneck, count_folded, unfold_frozen_bn
 from tests.upstream_reference import (
     DEFORMABLE_LAYERS,
     UpstreamBackbone,
@@ -227,7 +228,7 @@ def test_a_wrong_input_raises_and_does_not_disable_the_fused_op(monkeypatch):
 def test_no_fold_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
     """Captured kernels run only at replay: a fold cached during capture would never have been
     computed outside the graph, so it is computed (captured) but not kept."""
-    from detr_fast import fold_cache
+    from detr_fast.fold import cache as fold_cache
     gen = torch.Generator().manual_seed(31)
     conv = nn.Conv2d(3, 4, 1, bias=False)
     bn = randomize_frozen_bn_(FrozenBatchNorm2d(4), gen)
@@ -301,7 +302,7 @@ def test_an_interrupted_fold_changes_nothing(monkeypatch):
     def interrupt(module):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(detr_fast.folding, "count_folded", interrupt)  # the last step of a fold
+    monkeypatch.setattr(detr_fast.fold.folding, "count_folded", interrupt)  # the last step of a fold
     with pytest.raises(KeyboardInterrupt):
         fold_frozen_bn(ours)
     assert [type(m) for m in ours.modules()] == classes

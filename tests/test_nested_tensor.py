@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detr_fast import NestedTensor, nested_tensor_from_tensor_list
-from detr_fast.reference import pad_images_reference
+from detr_fast.sine.reference import pad_images_reference
 from tests.helpers import HAS_CUDA, requires_cuda
 from tests.upstream_reference import upstream_pad
 

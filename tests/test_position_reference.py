@@ -19,8 +19,8 @@ from detr_fast import (
     build_position_encoding,
     nested_tensor_from_tensor_list,
 )
-from detr_fast.reference import downsample_mask_reference, sine_embedding_reference, sine_frequencies
-from detr_fast.sine_params import SineParams
+from detr_fast.sine.params import SineParams
+from detr_fast.sine.reference import downsample_mask_reference, sine_embedding_reference, sine_frequencies
 from tests.helpers import rect_mask
 from tests.upstream_reference import UpstreamNestedTensor, UpstreamPositionEmbeddingSine
 
@@ -322,7 +322,7 @@ def test_downsample_mask_literal_case():
 
 def test_frequencies_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
     """During a capture the frequencies are computed (captured) but not kept for eager calls."""
-    from detr_fast import reference
+    from detr_fast.sine import reference
     key = (6, 123.0, "cpu", "detr")
     monkeypatch.delitem(reference._FREQUENCIES, key, raising=False)
     monkeypatch.setattr(reference, "capturing", lambda device: True)

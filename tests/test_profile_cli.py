@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from detr_fast import __main__ as cli
-from detr_fast import profile
-from detr_fast.profile import STAGES
+from detr_fast.measure import profile, timing
+from detr_fast.measure.profile import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,29 +132,29 @@ def _fake(clock, name, cost, calls, drift_step=0.0):
 def test_interleave_alternates_the_order_and_measures_each_side():
     clock, calls = FakeClock(), []
     syncs = []
-    pairs = profile.interleave(_fake(clock, "a", 0.004, calls), _fake(clock, "b", 0.001, calls), 4,
+    pairs = timing.interleave(_fake(clock, "a", 0.004, calls), _fake(clock, "b", 0.001, calls), 4,
                                clock=clock, sync=lambda: syncs.append(1))
     # One warm-up call of each, then pairs in alternating order.
     assert calls == ["b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(syncs) == 2 * len(calls)  # before and after every call
     assert pairs.a_ms == pytest.approx([4.0] * 4) and pairs.b_ms == pytest.approx([1.0] * 4)
     assert (pairs.a_out, pairs.b_out) == ("a", "b")
-    summary = profile.ratio_summary(pairs.a_ms, pairs.b_ms)
+    summary = timing.ratio_summary(pairs.a_ms, pairs.b_ms)
     assert summary["speedup"] == pytest.approx(4.0) and summary["spread"] == pytest.approx(0.0)
     assert summary["reference_ms"] == pytest.approx(4.0) and summary["detr_fast_ms"] == pytest.approx(1.0)
     assert summary["pairs"] == 4 and summary["ratios"] == 2
     assert summary["trusted"] is False  # 2 blocks of 2 pairs: too few for a spread
     with pytest.raises(ValueError, match="reps"):
-        profile.interleave(lambda: None, lambda: None, 0)
+        timing.interleave(lambda: None, lambda: None, 0)
 
 
 def test_interleave_cancels_a_steady_drift():
     # The machine gets 2% slower at every call: alternating the order (blocks A B B A) keeps the
     # ratio at the true 3x, where running all of one side first would not.
     clock, calls = FakeClock(), []
-    pairs = profile.interleave(_fake(clock, "a", 0.003, calls, 0.02), _fake(clock, "b", 0.001, calls, 0.02), 20,
+    pairs = timing.interleave(_fake(clock, "a", 0.003, calls, 0.02), _fake(clock, "b", 0.001, calls, 0.02), 20,
                                clock=clock)
-    summary = profile.ratio_summary(pairs.a_ms, pairs.b_ms)
+    summary = timing.ratio_summary(pairs.a_ms, pairs.b_ms)
     assert summary["speedup"] == pytest.approx(3.0, rel=1e-6) and summary["spread"] == pytest.approx(0, abs=1e-6)
     assert min(pairs.a_ms) < 4.0 < max(pairs.a_ms)  # while absolute times moved a lot
     assert summary["trusted"] is True
@@ -171,41 +171,41 @@ def test_blocks_cancel_the_advantage_of_running_right_after_oneself():
             calls.append(name)
             clock.now += cost * (0.5 if warm else 1.0)
         return fn
-    pairs = profile.interleave(fake("a", 0.003), fake("b", 0.001), 12, clock=clock)
+    pairs = timing.interleave(fake("a", 0.003), fake("b", 0.001), 12, clock=clock)
     per_pair = [a / b for a, b in zip(pairs.a_ms, pairs.b_ms)]
     assert min(per_pair) == pytest.approx(1.5) and max(per_pair) == pytest.approx(6.0)  # bimodal pairs
     # Every block, the first included, holds one warm and one cold call of each side.
-    assert profile.block_ratios(pairs.a_ms, pairs.b_ms) == pytest.approx([3.0] * 6)
+    assert timing.block_ratios(pairs.a_ms, pairs.b_ms) == pytest.approx([3.0] * 6)
 
 
 def test_interleave_runs_cheap_stages_longer():
     clock, calls = FakeClock(), []
     # A pair costs 2 ms: min_time 0.1 s asks for 50 pairs, max_pairs caps it at 30; reps is a minimum.
-    pairs = profile.interleave(_fake(clock, "a", 0.001, calls), _fake(clock, "b", 0.001, calls), 3,
+    pairs = timing.interleave(_fake(clock, "a", 0.001, calls), _fake(clock, "b", 0.001, calls), 3,
                                min_time=0.1, max_pairs=30, clock=clock)
     assert len(pairs.a_ms) == 30
-    pairs = profile.interleave(_fake(clock, "a", 0.001, calls), _fake(clock, "b", 0.001, calls), 3,
+    pairs = timing.interleave(_fake(clock, "a", 0.001, calls), _fake(clock, "b", 0.001, calls), 3,
                                min_time=0.01, max_pairs=30, clock=clock)
     assert len(pairs.a_ms) == 6  # 5, rounded up to whole blocks of 2 pairs
-    pairs = profile.interleave(_fake(clock, "a", 1.0, calls), _fake(clock, "b", 1.0, calls), 3,
+    pairs = timing.interleave(_fake(clock, "a", 1.0, calls), _fake(clock, "b", 1.0, calls), 3,
                                min_time=0.5, clock=clock)
     assert len(pairs.a_ms) == 4
-    pairs = profile.interleave(_fake(clock, "a", 1.0, calls), _fake(clock, "b", 1.0, calls), 1, clock=clock)
+    pairs = timing.interleave(_fake(clock, "a", 1.0, calls), _fake(clock, "b", 1.0, calls), 1, clock=clock)
     assert len(pairs.a_ms) == 1
 
 
 def test_quantiles_and_ratio_spread():
-    assert profile.quantile([4, 1, 3, 2], 0.5) == 2.5
-    assert profile.quantile([1, 2, 3, 4, 5], 0.25) == 2.0
+    assert timing.quantile([4, 1, 3, 2], 0.5) == 2.5
+    assert timing.quantile([1, 2, 3, 4, 5], 0.25) == 2.0
     # Blocks of two pairs: (2+2)/(1+1), (2+2)/(1+3), (2+2)/(4+4), (6+2)/(1+1), and a lone last pair 3/1.
-    assert profile.block_ratios([2, 2, 2, 2, 2, 2, 6, 2, 3], [1, 1, 1, 3, 4, 4, 1, 1, 1]) == [2, 1, 0.5, 4, 3]
-    summary = profile.ratio_summary([2, 2, 2, 2, 2, 2, 6, 2, 3], [1, 1, 1, 3, 4, 4, 1, 1, 1])
+    assert timing.block_ratios([2, 2, 2, 2, 2, 2, 6, 2, 3], [1, 1, 1, 3, 4, 4, 1, 1, 1]) == [2, 1, 0.5, 4, 3]
+    summary = timing.ratio_summary([2, 2, 2, 2, 2, 2, 6, 2, 3], [1, 1, 1, 3, 4, 4, 1, 1, 1])
     assert summary["speedup"] == 2.0 and summary["speedup_p25"] == 1.0 and summary["speedup_p75"] == 3.0
     assert summary["spread"] == pytest.approx(1.0) and summary["trusted"] is False
     assert summary["pairs"] == 9 and summary["ratios"] == 5
     assert summary["reference_ms"] == 2 and summary["detr_fast_ms"] == 1
     with pytest.raises(ValueError):
-        profile.ratio_summary([1.0], [])
+        timing.ratio_summary([1.0], [])
 
 
 def _row(stage, ref, fast, p25=None, p75=None, trusted=True, same=False, pairs=12):
@@ -223,7 +223,7 @@ def _report(rows):
               "cpus": 2, "load_average": 0.1,
               "batch": 2, "image_sizes": [[1, 1], [1, 1]], "reps": 9, "trace": None, "detr_fast_backend": "auto",
               "stages": rows}
-    report["notes"] = profile.notes(report)
+    report["notes"] = report.notes(report)
     return report
 
 
@@ -236,7 +236,7 @@ def test_table_flags_what_cannot_be_trusted():
             # The reference total below its own backbone, the detr_fast total 46 ms above its parts.
             "total": _row("total", 443.7, 398.0)}
     report = _report(rows)
-    table = profile.format_table(report)
+    table = report.format_table(report)
     lines = table.splitlines()
     assert "threads: 2" in lines[0] and "Fake CPU" in lines[0]
     pad_line = next(line for line in lines if line.startswith("pad "))
@@ -254,11 +254,11 @@ def test_table_flags_what_cannot_be_trusted():
     assert not [n for n in _report(clean)["notes"] if n.startswith("!")]
     busy = _report(clean)
     busy["load_average"] = 3.6
-    assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(profile.notes(busy))
+    assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(report.notes(busy))
     # On a CPU the table says which allocator settings the times were taken under.
-    assert any(n.startswith("allocator: glibc's defaults") for n in profile.notes(busy))
+    assert any(n.startswith("allocator: glibc's defaults") for n in report.notes(busy))
     busy["allocator_settings"] = {"MALLOC_MMAP_MAX_": "0"}
-    assert "allocator: MALLOC_MMAP_MAX_=0" in profile.notes(busy)
+    assert "allocator: MALLOC_MMAP_MAX_=0" in report.notes(busy)
 
 
 def test_backbone_timer_times_the_submodule_inside_each_call():

@@ -1,4 +1,4 @@
-"""Whole detectors (detr_fast.model_zoo) and `python -m detr_fast profile --model NAME`: the
+"""Whole detectors (detr_fast.measure.model_zoo) and `python -m detr_fast profile --model NAME`: the
 builders give models that convert without a warning and keep their outputs, and the profile's
 model mode runs end to end, on tiny configurations and small images. Without transformers (the
 'hf' extra) these tests skip; bad --model values are tested in test_profile_cli.py."""
@@ -15,7 +15,8 @@ pytest.importorskip("transformers", reason="the whole-detector profile needs the
 pytest.importorskip("timm", reason="the DETR family's default backbone needs the 'hf' extra (timm)")
 
 import detr_fast  # noqa: E402
-from detr_fast import model_zoo, profile, stages  # noqa: E402
+from detr_fast import measure  # noqa: E402
+from detr_fast.measure import model_zoo, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -44,12 +45,12 @@ def test_tiny_models_convert_without_warning_and_keep_their_outputs(name):
     assert ("pixel_mask" in inputs) == (model_zoo.spec(name).family == "detr")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fast = stages.make_fast_model(model)
+        fast = measure.make_fast_model(model)
     report = detr_fast.conversion_report(fast)
     assert report.folded > 0 and not report.skipped
     with torch.no_grad():
         expected, got = model(**inputs), fast(**inputs)
-    errors = stages.prediction_errors(got, expected)
+    errors = measure.prediction_errors(got, expected)
     assert set(errors) == {"logits", "pred_boxes"}
     assert all(0 <= e <= 1e-4 for e in errors.values()), errors
 
@@ -103,7 +104,7 @@ def test_model_profile_runs_end_to_end(name):
     rows = report["stages"]
     expected_rows = ["backbone", "pos", "total"] if name == "detr" else ["backbone", "total"]
     assert list(rows) == expected_rows
-    assert rows["total"]["stage"] == stages.MODEL_STAGE
+    assert rows["total"]["stage"] == measure.MODEL_STAGE
     for row_name, row in rows.items():
         assert row["reference_ms"] > 0 and row["detr_fast_ms"] > 0, row_name
         assert row["speedup_p25"] <= row["speedup"] <= row["speedup_p75"], row_name
@@ -122,7 +123,7 @@ def test_model_profile_runs_end_to_end(name):
     assert report["model"] == name and report["tiny"] and report["padded"] == (name == "detr")
     assert report["batch"] == (2 if name == "detr" else 1)
     assert "folded" in report["conversion"]
-    table = profile.format_table(report)
+    table = report.format_table(report)
     assert f"model: {name} = " in table and "backbone share of the forward" in table
     assert "logits" in table and "pred_boxes" in table
 

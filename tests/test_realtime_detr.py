@@ -124,7 +124,7 @@ def test_training_gradients_as_accurate_as_transformers():
 
 def _count_piecewise_calls(monkeypatch, threshold: int = 0):
     """Make every concatenation 'large' (threshold bytes) and count the piecewise convolutions."""
-    from detr_fast import fused_conv, onednn
+    from detr_fast.fold import fused_conv, onednn
     calls = []
     piecewise = onednn.conv_pieces
     monkeypatch.setattr(fused_conv, "FRESH_PAGES_BYTES", threshold)
@@ -176,7 +176,7 @@ def test_hgnet_pieces_only_without_graph_and_hooks(monkeypatch):
 
 
 def test_conv_bn_pieces_equals_bn_of_conv_of_the_concatenation(monkeypatch):
-    from detr_fast.fused_conv import conv_bn_pieces
+    from detr_fast.fold.fused_conv import conv_bn_pieces
     gen = torch.Generator().manual_seed(6)
     conv = torch.nn.Conv2d(13, 6, 3, stride=2, padding=1, bias=False)
     bn = detr_fast.FrozenBatchNorm2d(6)
@@ -231,7 +231,7 @@ def test_hgnet_modules_edited_after_conversion_compute_what_they_hold(monkeypatc
 
 
 def test_conv_bn_pieces_falls_back_where_the_concatenation_is_needed(monkeypatch):
-    from detr_fast.fused_conv import conv_bn_pieces
+    from detr_fast.fold.fused_conv import conv_bn_pieces
     conv, bn = torch.nn.Conv2d(13, 6, 1, bias=False), detr_fast.FrozenBatchNorm2d(6)
     calls = _count_piecewise_calls(monkeypatch)
     cl = torch.channels_last

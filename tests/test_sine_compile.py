@@ -3,12 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-import detr_fast.ops  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos)
+import detr_fast.sine.custom_op  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos)
 from detr_fast import PositionEmbeddingLearned, PositionEmbeddingSine, nested_tensor_from_tensor_list
 from detr_fast.backbone import MaskedBackboneBase
 from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor
-from detr_fast.reference import downsample_mask_reference
+from detr_fast.sine.reference import downsample_mask_reference
 from tests.helpers import kernel_devices
 
 DEVICES = kernel_devices()

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-import detr_fast.levels as levels
+import detr_fast.sine.levels as levels
 from detr_fast import FrozenBatchNorm2d as detr_fast_frozen_bn
 from detr_fast import NestedTensor, PositionEmbeddingSine, nested_tensor_from_tensor_list
-from detr_fast.reference import downsample_mask_reference, sine_embedding_reference
-from detr_fast.sine_params import SineParams
-from detr_fast.sine_separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
+from detr_fast.sine.params import SineParams
+from detr_fast.sine.reference import downsample_mask_reference, sine_embedding_reference
+from detr_fast.sine.separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
 from tests.helpers import rect_mask
 
 

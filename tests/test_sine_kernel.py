@@ -11,9 +11,9 @@ import torch
 
 from detr_fast import NestedTensor, PositionEmbeddingSine, sine_position_embedding
 from detr_fast.kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
-from detr_fast.ops import sine_masks_pos
-from detr_fast.reference import cached_frequencies, downsample_mask_reference, sine_embedding_reference
-from detr_fast.sine_params import SineParams
+from detr_fast.sine.custom_op import sine_masks_pos
+from detr_fast.sine.params import SineParams
+from detr_fast.sine.reference import cached_frequencies, downsample_mask_reference, sine_embedding_reference
 from tests.helpers import kernel_devices, random_sizes, rect_mask
 
 DEVICES = kernel_devices()

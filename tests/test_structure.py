@@ -1,5 +1,6 @@
-"""The package's structure: no import cycles, its own modules imported at the top of each file
-(the Triton side alone is loaded lazily), the custom operator registered on `import detr_fast`
+"""The package's structure: folders layered (sine/, fold/ below conversion/, measure/), reached through
+their public names, no import cycles, no module over 500 lines, its own modules imported at the top
+of each file (the Triton side alone is loaded lazily), the custom operator registered on `import detr_fast`
 without the kernels, and forward hooks on a Joiner's modules firing as in the reference."""
 import ast
 import pathlib
@@ -12,37 +13,68 @@ import detr_fast
 from tests.upstream_reference import DEFORMABLE_LAYERS, upstream_joiner, upstream_pad
 
 PACKAGE = pathlib.Path(detr_fast.__file__).parent
-LAZY = {("ops.py", ".kernels.sine_embedding")}  # the kernels import Triton: loaded on first use
+# The kernels import Triton: loaded on first use.
+LAZY = {("sine/custom_op.py", "detr_fast.kernels.sine_embedding")}
+FOLDERS = ("sine", "fold", "conversion", "measure", "kernels")
+# The drop-in API at the top, built on sine/ and fold/; the utilities everything may use.
+API_MODULES = ("backbone", "joiner", "detr", "resnet")
+UTILITIES = ("dispatch", "validation", "nested_tensor")
+# What each folder may import from the others (and the top-level modules it may use).
+ALLOWED = {
+    "sine": {"kernels", *UTILITIES},
+    "fold": {*UTILITIES},
+    "conversion": {"sine", "fold", *API_MODULES, *UTILITIES},
+    "measure": {"sine", "fold", "conversion", *API_MODULES, *UTILITIES},
+}
+MAX_LINES = 500
 
 
-def _own_imports(node: ast.AST):
-    """The detr_fast modules an import statement names (relative imports)."""
-    if isinstance(node, ast.ImportFrom) and node.level == 1:
-        if node.module:
-            return [node.module.split(".")[0]]
-        return [alias.name for alias in node.names]
-    return []
+def _modules():
+    """(dotted name under detr_fast, path) of every module of the package, __init__ files included."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        yield ".".join(parts), path
+
+
+def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom):
+    """The absolute names (under detr_fast) a relative import statement names: the module it
+    imports from, and each imported name as a possible submodule."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    if node.level > 1:
+        package = package[:len(package) - (node.level - 1)]
+    base = package + (node.module.split(".") if node.module else [])
+    return ".".join(base), [".".join(base + [alias.name]) for alias in node.names]
+
+
+def _imports(module: str, path: pathlib.Path, top_level_only: bool):
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            yield node, *_resolve(module, path, node)
 
 
 def test_no_function_local_imports_of_the_package_itself():
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for module, path in _modules():
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.ImportFrom) and node.level >= 1 \
-                            and (path.name, "." + (node.module or "")) not in LAZY:
-                        found.append(f"{path.name}:{fn.name}: {ast.unparse(node)}")
+                    if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                        target = "detr_fast." + _resolve(module, path, node)[0]
+                        if (str(path.relative_to(PACKAGE)), target) not in LAZY:
+                            found.append(f"{path.relative_to(PACKAGE)}:{fn.name}: {ast.unparse(node)}")
     assert not found, found
 
 
 def test_the_package_imports_form_no_cycle():
+    known = {module for module, _ in _modules()}
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        module = path.stem
-        tree = ast.parse(path.read_text())
-        top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
-        graph[module] = {m for n in top_level for m in _own_imports(n) if m != "kernels"}
+    for module, path in _modules():
+        deps = set()
+        for _, source, names in _imports(module, path, top_level_only=True):
+            deps |= {n for n in [source, *names] if n in known and n != module}
+        graph[module] = deps
     visiting, done = set(), set()
 
     def visit(module, chain):
@@ -57,6 +89,47 @@ def test_the_package_imports_form_no_cycle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_folders_are_layered():
+    """sine/ and fold/ know nothing of conversion/, measure/ or the drop-in modules; conversion/
+    nothing of measure/. The top-level utilities are open to all."""
+    wrong = []
+    for module, path in _modules():
+        folder = module.split(".")[0]
+        if folder not in ALLOWED:
+            continue
+        for node, source, _ in _imports(module, path, top_level_only=False):
+            target = source.split(".")[0] if source else ""
+            if target and target != folder and target not in ALLOWED[folder]:
+                wrong.append(f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}")
+    assert not wrong, wrong
+
+
+def test_other_folders_are_reached_through_their_public_names():
+    """A module outside a folder imports what that folder's __init__ exports, not its modules."""
+    wrong = []
+    for module, path in _modules():
+        own = module.split(".")[0]
+        for node, source, _ in _imports(module, path, top_level_only=False):
+            parts = source.split(".")
+            if parts[0] in FOLDERS and parts[0] != "kernels" and parts[0] != own and len(parts) > 1:
+                wrong.append(f"{path.relative_to(PACKAGE)}: {ast.unparse(node)}")
+    assert not wrong, wrong
+
+
+def test_each_folder_says_what_it_is_for():
+    for folder in FOLDERS:
+        init = PACKAGE / folder / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and doc.splitlines()[0].strip(), f"{folder}/__init__.py needs a one-line docstring"
+
+
+def test_no_module_over_500_lines():
+    root = PACKAGE.parent  # the repository: detr_fast/ and the kernels' own folder
+    paths = [*PACKAGE.rglob("*.py"), *(root / "kernels").glob("*.py")]
+    long = {str(path.relative_to(root)): n for path in paths if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
 
 
 def test_import_registers_the_operator_without_triton():

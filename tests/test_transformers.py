@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import detr_fast
-from detr_fast.hf_modules import TransformersSineEmbedding, TransformersSineEmbeddingLegacy
+from detr_fast.conversion.transformers_modules import TransformersSineEmbedding, TransformersSineEmbeddingLegacy
 from tests import hf_models
 from tests.hf_models import BACKBONES, FAMILIES, build, inputs, outputs, transformers
 

@@ -22,9 +22,9 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .dispatch import capturing, compiling
+from ..dispatch import capturing, compiling
+from ..validation import check_module
 from .frozen_bn import FrozenBatchNorm2d
-from .validation import check_module
 
 CACHE_ATTRS = ("_detr_fast_fold_cache", "_detr_fast_packed")  # this cache, and oneDNN's packed weights
 

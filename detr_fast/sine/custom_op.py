@@ -18,9 +18,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import compiling
+from ..dispatch import compiling
+from .params import SineParams
 from .reference import cached_frequencies, downsample_mask_reference
-from .sine_params import SineParams
 
 _OP_NAME = "detr_fast::sine_masks_pos"
 _SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
@@ -32,7 +32,7 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
                          offset: float, eps: float, frequencies: str, dtype: torch.dtype,
                          need_mask: bool) -> Tuple[Tensor, Tensor]:
-    from .kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
+    from ..kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
 
     dim_t = cached_frequencies(num_pos_feats, temperature, mask.device, frequencies)
     if image_sizes is not None:
@@ -94,7 +94,7 @@ def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, wid
                    dtype: torch.dtype, need_mask: bool) -> Tuple[Tensor, Tensor]:
     """Call the custom op; returns (level_mask, pos as a B x 2F x h x w view in the reference layout).
 
-    No argument checking here: the caller (detr_fast.levels) validates first.
+    No argument checking here: the caller (detr_fast.sine.levels) validates first.
     """
     args = (mask, image_sizes, height, width, params.num_pos_feats, params.temperature, params.normalize,
             params.scale, params.offset, params.eps, params.frequencies, dtype, need_mask)

@@ -16,8 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .params import SineParams
 from .reference import cached_frequencies, downsample_mask_reference, normalize_positions, sine_of_positions
-from .sine_params import SineParams
 
 
 def rectangle_mask(sizes: Tensor, height: int, width: int, device: torch.device) -> Tensor:

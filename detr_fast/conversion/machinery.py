@@ -11,8 +11,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .folding import FoldResult, fold
-from .frozen_bn import FrozenBatchNorm2d
+from ..fold import FoldResult, FrozenBatchNorm2d, fold
 
 BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 

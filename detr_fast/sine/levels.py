@@ -28,12 +28,12 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .dispatch import sine_path
-from .ops import sine_masks_pos
+from ..dispatch import sine_path
+from ..validation import check_image_sizes
+from .custom_op import sine_masks_pos
+from .params import SineParams
 from .reference import downsample_mask_reference, sine_embedding_reference
-from .sine_params import SineParams
-from .sine_separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
-from .validation import check_image_sizes
+from .separable import level_sizes, rectangle_mask, rectangle_sizes, sine_embedding_separable
 
 POS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,7 +1,7 @@
 """fold_frozen_bn: run every conv + frozen BatchNorm pair of a backbone as one convolution.
 
 The modules are changed in place by swapping their class for a subclass whose forward calls the
-folded convolutions (detr_fast.fused_conv.conv_bn). Nothing is renamed, added or removed: every
+folded convolutions (detr_fast.fold.fused_conv.conv_bn). Nothing is renamed, added or removed: every
 conv and BN stays a child under its own name, so the state_dict keys, shapes and values are the
 reference's and checkpoints load both ways. The folded weights are derived at run time (see
 fused_conv), so a checkpoint loaded or a parameter changed after folding takes effect.
@@ -28,11 +28,12 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import ResNet
 
+from ..validation import check_module
+from .cache import clear_fold_cache
 from .class_swap import base_class
-from .fold_cache import clear_fold_cache
-from .fold_recipes import Recipe, folded_class, folded_recipe, probe_input, recipe_for
-from .folded_sequential import FoldedSequential, has_folded_forward
-from .folded_torchvision import (
+from .recipes import Recipe, folded_class, folded_recipe, probe_input, recipe_for
+from .sequential import FoldedSequential, has_folded_forward
+from .torchvision_blocks import (
     BLOCK_PAIRS,
     BLOCKS,
     CHANNELS_LAST_ATTR,
@@ -44,7 +45,6 @@ from .folded_torchvision import (
     block_foldable,
     stem_plan,
 )
-from .validation import check_module
 
 logger = logging.getLogger("detr_fast")
 

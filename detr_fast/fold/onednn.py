@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fold_cache import CACHE_ATTRS, DerivedCache
+from .cache import CACHE_ATTRS, DerivedCache
 
 _PACKED_ATTR = CACHE_ATTRS[1]
 MAX_SHAPES = 4  # input shapes whose packed weights each conv keeps (multi-scale training/eval cycles a few)

@@ -1,8 +1,8 @@
 """Whole detectors for the profile and the benchmarks, defined once: transformers' DETR family and
 real-time DETRs built offline from their configs, with random weights.
 
-``python -m detr_fast profile --model NAME`` (detr_fast.profile) and the benchmarks' ``model``
-stage (bench/test_bench_model.py, through detr_fast.stages) take their models and inputs from here:
+``python -m detr_fast profile --model NAME`` (detr_fast.measure.profile) and the benchmarks' ``model``
+stage (bench/test_bench_model.py, through detr_fast.measure.stages) take their models and inputs from here:
 
 - ``detr``: DetrForObjectDetection, default DetrConfig (timm ResNet-50, layer4; 6 + 6 transformer
   layers, 100 queries);
@@ -43,7 +43,7 @@ ISSUE_10_CPU_SIZES = ((400, 600), (400, 600))  # "two 400x600 images": the CPU t
 
 class Unavailable(Exception):
     """Something that cannot run here (the reason says why): benchmarks skip on it, the profile
-    reports it as a usage error. (detr_fast.stages re-exports it.)"""
+    reports it as a usage error. (detr_fast.measure exports it.)"""
 
 
 # ---------------------------------------------------------------- the configurations
@@ -145,7 +145,7 @@ MODELS: Dict[str, ModelSpec] = {spec.name: spec for spec in (
               "DFineForObjectDetection, tiny (HGNetV2-B0, d_model 64)",
               REALTIME_IMAGE_SIZES, REALTIME_IMAGE_SIZES, needs_timm=False),
 )}
-NAMES = (JOINER,) + tuple(MODELS)  # what `profile --model` accepts; the Joiner is detr_fast.stages'
+NAMES = (JOINER,) + tuple(MODELS)  # what `profile --model` accepts; the Joiner is detr_fast.measure.stages'
 
 
 def spec(name: str) -> ModelSpec:

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import capturing, compiling, exporting
 from . import onednn
-from .dispatch import capturing, compiling, exporting
-from .fold_cache import clear_fold_cache, fold_needs_graph, folded_weight_and_bias
+from .cache import clear_fold_cache, fold_needs_graph, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
 
 __all__ = ["clear_fold_cache", "conv_bn", "conv_bn_pieces", "foldable", "folded_weight_and_bias", "memory_format_of"]

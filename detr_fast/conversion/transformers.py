@@ -24,8 +24,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .class_swap import swapped_class, variant_of
-from .conversion import (
+from ..fold import swapped_class, variant_of
+from ..sine import FREQUENCY_RULES, SineParams, sine_embedding_reference
+from .machinery import (
     ConversionReport,
     LeaveAsIs,
     StageKind,
@@ -36,9 +37,7 @@ from .conversion import (
     replace_frozen_bns,
     trainable_batch_norms,
 )
-from .hf_modules import FAST_CONV_ENCODER, TransformersSineEmbedding, TransformersSineEmbeddingLegacy
-from .reference import sine_embedding_reference
-from .sine_params import FREQUENCY_RULES, SineParams
+from .transformers_modules import FAST_CONV_ENCODER, TransformersSineEmbedding, TransformersSineEmbeddingLegacy
 
 _FEATURE_NAMES = ("num_position_features", "num_pos_feats", "embedding_dim")
 _SIMPLE = (int, float, bool, str, type(None))

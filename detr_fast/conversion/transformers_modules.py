@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .class_swap import register_variant
-from .dispatch import check_backend
-from .folded_torchvision import bn_dtype, restore_layout
-from .fused_conv import memory_format_of
-from .levels import POS_DTYPES, compute_levels
-from .reference import sine_embedding_reference
-from .sine_params import SineParams
+from ..dispatch import check_backend
+from ..fold import bn_dtype, memory_format_of, register_variant, restore_layout
+from ..sine import POS_DTYPES, SineParams, compute_levels, sine_embedding_reference
 
 
 def _padding_mask(mask: Tensor) -> Tensor:

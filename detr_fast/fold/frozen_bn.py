@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor, nn
 
-from .validation import check_eps
+from ..validation import check_eps
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from . import backbone as deformable_conventions
-from . import detr as detr_conventions
-from .backbone import MaskedBackboneBase
-from .conversion import ConversionReport, StageKind, Undo, fold_body, join_path, probe_images, replace_frozen_bns
-from .joiner import JoinerBase
-from .nested_tensor import NestedTensor
-from .position_encoding import PositionEmbeddingSine
+from .. import backbone as deformable_conventions
+from .. import detr as detr_conventions
+from ..backbone import MaskedBackboneBase
+from ..joiner import JoinerBase
+from ..nested_tensor import NestedTensor
+from ..sine import PositionEmbeddingSine
+from .machinery import ConversionReport, StageKind, Undo, fold_body, join_path, probe_images, replace_frozen_bns
 
 _OFFSET_CANDIDATES = (0.0, -0.5)  # DETR, Deformable-DETR
 

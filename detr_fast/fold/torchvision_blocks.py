@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .dispatch import compiling, exporting
-from .folded_sequential import private_output
+from ..dispatch import compiling, exporting
 from .fused_conv import conv_bn, foldable, memory_format_of
+from .sequential import private_output
 
 STEM_ATTR = "_detr_fast_stem"
 CHANNELS_LAST_ATTR = "_detr_fast_channels_last"

@@ -14,7 +14,9 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .conversion import (
+from ..fold import count_folded
+from ..validation import check_module
+from .machinery import (
     ConversionReport,
     LeaveAsIs,
     StageKind,
@@ -25,10 +27,8 @@ from .conversion import (
     same_outputs,
     tolerance,
 )
-from .convert_transformers import KINDS as TRANSFORMERS_KINDS
-from .convert_upstream import KINDS as UPSTREAM_KINDS
-from .folding import count_folded
-from .validation import check_module
+from .transformers import KINDS as TRANSFORMERS_KINDS
+from .upstream import KINDS as UPSTREAM_KINDS
 
 logger = logging.getLogger("detr_fast")
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import capturing
-from .sine_params import SineParams
+from ..dispatch import capturing
+from .params import SineParams
 
 
 def pad_images_reference(tensor_list: List[Tensor]) -> Tuple[Tensor, Tensor]:

@@ -4,12 +4,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .dispatch import check_backend
+from ..dispatch import check_backend
+from ..nested_tensor import NestedTensor, trusted_image_sizes
+from ..validation import check_mask, check_nested_tensor
 from .levels import compute_levels, precomputed_pos
-from .nested_tensor import NestedTensor, trusted_image_sizes
+from .params import SineParams
 from .reference import learned_embedding_reference, sine_embedding_formula
-from .sine_params import SineParams
-from .validation import check_mask, check_nested_tensor
 
 
 def sine_position_embedding(mask: Tensor, num_pos_feats: int = 64, temperature: float = 10000,
@@ -87,7 +87,7 @@ class PositionEmbeddingSine(nn.Module):
         params = self.sine_params()
         pos = precomputed_pos(mask, params, self.backend)
         if pos is not None:
-            return pos  # computed with the mask by the Joiner's backbone (see detr_fast.levels)
+            return pos  # computed with the mask by the Joiner's backbone (see detr_fast.sine.levels)
         return compute_levels(mask, trusted_image_sizes(tensor_list), [tuple(mask.shape[1:])], params,
                               self.backend, need_masks=False).pos[0]
 

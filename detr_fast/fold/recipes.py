@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .class_swap import register_variant, swapped_class, variant_of
-from .folded_sequential import private_output
-from .folded_torchvision import shortcut
 from .frozen_bn import FrozenBatchNorm2d
 from .fused_conv import conv_bn, conv_bn_pieces, foldable
+from .sequential import private_output
+from .torchvision_blocks import shortcut
 
 
 @dataclass(frozen=True)

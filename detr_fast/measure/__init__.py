@@ -1,0 +1,34 @@
+"""Measurement: the benchmark stages, the profile (`python -m detr_fast profile`) and the model zoo."""
+from .cases import (
+    BENCH_MODELS,
+    DTYPES,
+    IMPLS,
+    MODEL_STAGE,
+    NETWORK_STAGES,
+    POS_CHANNELS,
+    STAGES,
+    VARIANTS,
+    Case,
+    cases,
+    model_case,
+    model_cases,
+)
+from .errors import prediction_errors
+from .implementations import (
+    Compiled,
+    compile_unavailable_reason,
+    detector_implementation,
+    detectors,
+    implementation,
+    make_fast_model,
+    onnxruntime_unavailable_reason,
+)
+from .model_zoo import Unavailable
+from .stages import Runner, build, device_name
+
+__all__ = [
+    "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "VARIANTS", "Case",
+    "Compiled", "Runner", "Unavailable", "build", "cases", "compile_unavailable_reason", "detector_implementation",
+    "detectors", "device_name", "implementation", "make_fast_model", "model_case", "model_cases",
+    "onnxruntime_unavailable_reason", "prediction_errors",
+]

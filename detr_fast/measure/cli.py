@@ -1,0 +1,129 @@
+"""`python -m detr_fast profile`: the command line (flags, usage errors, defaults) around profile.py."""
+import argparse
+import json
+import sys
+
+import torch
+
+from . import model_zoo
+from .profile import (
+    CPU_DEFAULT_REPS,
+    CPU_DEFAULT_SCALE,
+    CUDA_DEFAULT_REPS,
+    DTYPES,
+    log,
+    run_model_profile,
+    run_profile,
+)
+from .report import format_table
+from .timing import MAX_PAIRS, MIN_STAGE_SECONDS
+
+# ---------------------------------------------------------------- the command line
+
+def _device(value: str) -> torch.device:
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a device: {value!r} ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return number
+
+
+def _scale(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 4], got {value!r}") from None
+    if not 0 < number <= 4:
+        raise argparse.ArgumentTypeError(f"must be in (0, 4], got {value}")
+    return number
+
+
+def _model(value: str) -> str:
+    """A --model name whose model can be built here (a usage error otherwise, with the reason)."""
+    if value not in model_zoo.NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(model_zoo.NAMES)})")
+    if value != model_zoo.JOINER:
+        reason = model_zoo.unavailable_reason(value)
+        if reason:
+            raise argparse.ArgumentTypeError(f"{value} cannot run here: {reason}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=_model, default=model_zoo.JOINER, metavar="{" + ",".join(model_zoo.NAMES) + "}",
+                        help="what to profile: joiner (default) = the backbone stage alone, stage by stage (pad, "
+                             "backbone, masks, pos, masks_pos, total); a transformers detector built from its "
+                             "default config with random weights (detr, deformable-detr, rtdetr, dfine; needs the "
+                             "'hf' extra) = its backbone, pos (DETR family) and full forward (total)")
+    parser.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--batch", type=_positive_int, default=1,
+                        help="repeat the images this many times (default 1: DETR's two images for the Joiner and "
+                             "the DETR family, one 640x640 image for rtdetr and dfine)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the images' and weights' dtype (default float32)")
+    parser.add_argument("--scale", type=_scale, default=None,
+                        help=f"image size factor (default 1.0 on CUDA, {CPU_DEFAULT_SCALE} on CPU for DETR's "
+                             "image sizes, 1.0 for rtdetr's and dfine's 640x640)")
+    parser.add_argument("--reps", type=_positive_int, default=None,
+                        help=f"interleaved reference/detr_fast pairs per stage (default {CUDA_DEFAULT_REPS} on CUDA, "
+                             f"{CPU_DEFAULT_REPS} on CPU); a cheap stage runs more, for about "
+                             f"{MIN_STAGE_SECONDS} s, at most {MAX_PAIRS}")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
+    parser.add_argument("--trace", dest="trace_path", default=None,
+                        help="also write a torch.profiler Chrome trace of one pass of every stage here")
+    # For the tests: --model's detector with a small head and backbone (model_zoo.build(tiny=True)).
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+
+def default_scale(model: str, device: torch.device) -> float:
+    """1.0 on CUDA; on CPU, DETR's image sizes are halved (the Joiner and the DETR family), the
+    real-time DETRs' 640x640 is kept."""
+    if device.type == "cuda" or (model != model_zoo.JOINER and model_zoo.spec(model).family == "realtime"):
+        return 1.0
+    return CPU_DEFAULT_SCALE
+
+
+def main(args: argparse.Namespace) -> int:
+    device = args.device if args.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    model = getattr(args, "model", model_zoo.JOINER)
+    scale = args.scale if args.scale is not None else default_scale(model, device)
+    reps = args.reps if args.reps is not None else (CUDA_DEFAULT_REPS if on_cuda else CPU_DEFAULT_REPS)
+    if model == model_zoo.JOINER:
+        log(f"device {device}, dtype {args.dtype}, batch {2 * args.batch} images, scale {scale}, "
+            f"{torch.get_num_threads()} threads")
+        report = run_profile(device, args.batch, args.dtype, scale, reps, args.trace_path)
+    else:
+        tiny = bool(getattr(args, "tiny", False))
+        images = model_zoo.image_sizes(model, scale, args.batch)
+        log(f"model {model} ({model_zoo.describe(model, tiny)}), device {device}, dtype {args.dtype}, "
+            f"{len(images)} image(s) {images}, {torch.get_num_threads()} threads")
+        try:
+            report = run_model_profile(model, device, args.batch, args.dtype, scale, reps, args.trace_path,
+                                       tiny=tiny)
+        except model_zoo.Unavailable as why:
+            print(f"python -m detr_fast profile: error: {why}", file=sys.stderr)
+            return 2
+    print(format_table(report))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {args.json_path}")
+    return 0
