@@ -217,6 +217,8 @@ def run_stage(benchmark, request):
             benchmark.extra_info["model"] = model_zoo.describe(case.level, case.tiny)
         try:
             runner = measure.build(case, impl, s.device)
+        except measure.NotMeasured as why:
+            pytest.skip(f"{impl} not measured for this stage: {why}")
         except measure.Unavailable as why:
             pytest.skip(f"{impl} unavailable: {why}")
         fn = _synchronized(runner.fn, s.device)

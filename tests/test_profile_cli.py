@@ -10,6 +10,7 @@ import torch
 
 from detr_fast import __main__ as cli
 from detr_fast.measure import profile, timing
+from detr_fast.measure import report as table_report
 from detr_fast.measure.profile import STAGES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,7 +224,7 @@ def _report(rows):
               "cpus": 2, "load_average": 0.1,
               "batch": 2, "image_sizes": [[1, 1], [1, 1]], "reps": 9, "trace": None, "detr_fast_backend": "auto",
               "stages": rows}
-    report["notes"] = report.notes(report)
+    report["notes"] = table_report.notes(report)
     return report
 
 
@@ -236,12 +237,13 @@ def test_table_flags_what_cannot_be_trusted():
             # The reference total below its own backbone, the detr_fast total 46 ms above its parts.
             "total": _row("total", 443.7, 398.0)}
     report = _report(rows)
-    table = report.format_table(report)
+    table = table_report.format_table(report)
     lines = table.splitlines()
     assert "threads: 2" in lines[0] and "Fake CPU" in lines[0]
     pad_line = next(line for line in lines if line.startswith("pad "))
     assert "NOISY" in pad_line and "0.97-3.56x" in pad_line
     assert "same" in next(line for line in lines if line.startswith("masks "))
+    assert "not the ratio of the two medians" in table  # the legend says what the speed-up is
     notes = "\n".join(report["notes"])
     assert "! NOISY, do not trust these speed-ups: pad (69%)" in notes
     assert "! NOISY: pos: fewer than 10 pairs" in notes
@@ -254,11 +256,11 @@ def test_table_flags_what_cannot_be_trusted():
     assert not [n for n in _report(clean)["notes"] if n.startswith("!")]
     busy = _report(clean)
     busy["load_average"] = 3.6
-    assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(report.notes(busy))
+    assert "! the machine was busy: 1-minute load average 3.6 on 2 CPUs" in "\n".join(table_report.notes(busy))
     # On a CPU the table says which allocator settings the times were taken under.
-    assert any(n.startswith("allocator: glibc's defaults") for n in report.notes(busy))
+    assert any(n.startswith("allocator: glibc's defaults") for n in table_report.notes(busy))
     busy["allocator_settings"] = {"MALLOC_MMAP_MAX_": "0"}
-    assert "allocator: MALLOC_MMAP_MAX_=0" in report.notes(busy)
+    assert "allocator: MALLOC_MMAP_MAX_=0" in table_report.notes(busy)
 
 
 def test_backbone_timer_times_the_submodule_inside_each_call():

@@ -125,6 +125,7 @@ def test_model_profile_runs_end_to_end(name):
     assert "folded" in report["conversion"]
     table = report.format_table(report)
     assert f"model: {name} = " in table and "backbone share of the forward" in table
+    assert "differ from the backbone row" in table  # two measurements, and the line says why they differ
     assert "logits" in table and "pred_boxes" in table
 
 

@@ -232,6 +232,7 @@ def test_second_convert_changes_nothing():
     detr_fast.convert(model)
     report = detr_fast.conversion_report(model)
     assert not report and report.folded == 0 and not report.skipped
+    assert "already converted" in str(report) and "0 change(s)" not in str(report)
     assert [type(m) for m in model.modules()] == classes
 
 

@@ -96,6 +96,7 @@ def convert(model: nn.Module) -> nn.Module:
     check_module(model, "model")
     report = ConversionReport()
     stages = find_stages(model)
+    report.stages = len(stages)
     done: List[Undo] = []
     try:
         for path, stage, kind in stages:

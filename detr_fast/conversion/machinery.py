@@ -23,11 +23,17 @@ class ConversionReport:
     swapped: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     folded: int = 0
+    # How many backbone stages convert() found: with no change, no fold and nothing left, they were
+    # all detr_fast's already.
+    stages: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.swapped)
 
     def __str__(self) -> str:
+        if self.stages and not self.swapped and not self.folded and not self.skipped:
+            return (f"detr_fast.convert: already converted: the {self.stages} stage(s) found are detr_fast's already; "
+                    "nothing changed")
         lines = [f"detr_fast.convert: {len(self.swapped)} change(s), {self.folded} conv+BN pairs folded"]
         lines += [f"  swapped: {line}" for line in self.swapped]
         lines += [f"  left as is: {path}: {why}" for path, why in self.skipped]

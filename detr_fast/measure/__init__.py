@@ -23,12 +23,13 @@ from .implementations import (
     make_fast_model,
     onnxruntime_unavailable_reason,
 )
-from .model_zoo import Unavailable
+from .model_zoo import NotMeasured, Unavailable
 from .stages import Runner, build, device_name
 
 __all__ = [
     "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "VARIANTS", "Case",
-    "Compiled", "Runner", "Unavailable", "build", "cases", "compile_unavailable_reason", "detector_implementation",
-    "detectors", "device_name", "implementation", "make_fast_model", "model_case", "model_cases",
+    "Compiled", "NotMeasured", "Runner", "Unavailable", "build", "cases", "compile_unavailable_reason",
+    "detector_implementation", "detectors", "device_name", "implementation", "make_fast_model", "model_case",
+    "model_cases",
     "onnxruntime_unavailable_reason", "prediction_errors",
 ]

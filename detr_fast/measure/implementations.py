@@ -27,7 +27,7 @@ from ..sine import (
 )
 from . import model_zoo
 from .cases import DETECTOR_STAGES, DTYPES, IMPLS, MODEL_STAGE, POS_FEATS, STAGES, VARIANTS
-from .model_zoo import Unavailable, randomize_frozen_bn  # stages.Unavailable is model_zoo's
+from .model_zoo import NotMeasured, Unavailable, randomize_frozen_bn  # stages.Unavailable is model_zoo's
 
 # ---------------------------------------------------------------- models
 
@@ -234,7 +234,7 @@ def detector_implementation(name: str, model: str, device: torch.device, *, auto
     if name not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {name!r}")
     if name == "onnxruntime":
-        raise Unavailable("onnxruntime is measured on the backbone stage only (the exported reference body)")
+        raise NotMeasured("onnxruntime is measured on the backbone stage only (the exported reference body)")
     device = torch.device(device)
     if name == "compile":
         reason = compile_unavailable_reason(device)  # before building the models
@@ -352,7 +352,7 @@ class OnnxRuntime(Implementation):
 
     def function(self, stage: str) -> Callable:
         if stage != "backbone":
-            raise Unavailable("onnxruntime is measured on the backbone stage only (the exported reference body)")
+            raise NotMeasured("onnxruntime is measured on the backbone stage only (the exported reference body)")
         if self.autocast is not None and self.autocast != torch.float32:
             raise Unavailable("onnxruntime runs the exported float32 body; reduced precision is not exported")
         return self.backbone

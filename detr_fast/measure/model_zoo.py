@@ -46,6 +46,11 @@ class Unavailable(Exception):
     reports it as a usage error. (detr_fast.measure exports it.)"""
 
 
+class NotMeasured(Unavailable):
+    """An implementation that runs here but is not measured for this stage (e.g. ONNX Runtime
+    outside the backbone): the benchmarks say so instead of calling it unavailable."""
+
+
 # ---------------------------------------------------------------- the configurations
 
 # Small transformer heads for tiny=True (a few ms per forward at the tests' sizes; the tests use them too).

@@ -88,7 +88,9 @@ def _model_notes(report: Dict) -> List[str]:
         sides = [f"{side} {100 * s['share']:.0f}% ({s['backbone_ms']:.1f} ms; the rest {s['rest_ms']:.1f} ms)"
                  for side, s in inside.items()]
         lines.append("backbone share of the forward (the conv encoder's time inside each timed forward, by forward "
-                     "hooks; medians): " + ", ".join(sides))
+                     "hooks; medians): " + ", ".join(sides) + ". These times are measured inside the full forwards, "
+                     "so they differ from the backbone row, which times the encoder called on its own (other "
+                     "caches, allocator state and warm-up around it)")
     errors = rows["total"].get("errors")
     if errors:
         lines.append("total errors (relative: max abs difference / max magnitude of the reference's): "
@@ -109,7 +111,8 @@ def format_table(report: Dict) -> str:
         padding = "padded, with a pixel_mask" if report.get("padded") else "unpadded, no pixel_mask"
         lines.append(f"model: {model} = {report.get('model_description', '')}; images {padding}")
     lines += ["reference and detr_fast run in interleaved pairs, order alternating; ms: each side's median; "
-              "speed-up: median of the ratios of blocks of 2 pairs (A B B A); p25-p75: their interquartile range",
+              "speed-up: median of the ratios of blocks of 2 pairs (A B B A), not the ratio of the two medians "
+              "shown (the two differ when times spread, e.g. on a row of a few ms); p25-p75: their interquartile range",
               f"{'stage':<10}{'reference ms':>14}{'detr_fast ms':>14}{'speed-up':>10}{'p25-p75':>15}{'pairs':>7}"
               f"  {'trust':<6}{'max error':>11}{'ref MiB':>9}{'fast MiB':>10}"]
     for stage, row in report["stages"].items():
