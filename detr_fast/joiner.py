@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .dispatch import compiling
 from .levels import POS_DTYPES, announce_embedding, compute_levels
-from .nested_tensor import NestedTensor, trusted_image_sizes
+from .nested_tensor import NestedTensor, NestedTensorLike, trusted_image_sizes
 from .position_encoding import PositionEmbeddingSine
 from .validation import check_mask, check_nested_tensor
 
@@ -24,12 +24,13 @@ class JoinerBase(nn.Sequential):
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
 
-    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def forward(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
+        # Scripted: any NestedTensor class with decompose() in (see NestedTensorLike), detr_fast's out.
         if torch.jit.is_scripting():
             return self._levels(tensor_list)
         return self._forward_eager(tensor_list)
 
-    def _levels(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def _levels(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
         xs = self[0](tensor_list)
         names = list(xs.keys())
         names.sort()
@@ -42,7 +43,7 @@ class JoinerBase(nn.Sequential):
         return out, pos
 
     @torch.jit.unused
-    def _forward_eager(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def _forward_eager(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
         check_nested_tensor(tensor_list)
         embedding = self[1]
         # Under torch.compile nothing is announced: the compiler fuses the masks' small ops itself.
