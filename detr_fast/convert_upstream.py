@@ -13,6 +13,8 @@ Converting a Joiner also swaps an upstream sine embedding for PositionEmbeddingS
 parameters — DETR's and Deformable-DETR's classes look alike, but Deformable-DETR subtracts 0.5
 from the cumulative position, so the offset is found by running the upstream module on a probe
 mask — and the Joiner's class for detr_fast's.
+Scripted, detr_fast's stages take any NestedTensor class with decompose() (NestedTensorLike): a
+stage whose forward names a class TorchScript cannot take so is left as it was (script_input_problem).
 """
 import inspect
 import typing
