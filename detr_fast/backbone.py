@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .joiner import JoinerBase
-from .nested_tensor import NestedTensor, nested_like, trusted_image_sizes
+from .nested_tensor import NestedTensor, NestedTensorLike, nested_like, trusted_image_sizes
 from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
 from .sine import announced_for, build_position_encoding, compute_levels, downsample_mask_reference, remember_pos
 from .validation import check_mask, check_nested_tensor
@@ -25,12 +25,14 @@ class MaskedBackboneBase(nn.Module):
         freeze_parameters(backbone, train_backbone)
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
 
-    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+    def forward(self, tensor_list: NestedTensorLike) -> Dict[str, NestedTensor]:
+        # Scripted, any NestedTensor class with decompose() is taken (DETR's own included) and
+        # detr_fast's is returned; eager, the caller's class comes back (nested_like).
         if torch.jit.is_scripting():
-            xs = self.body(tensor_list.tensors)
+            tensors, m = tensor_list.decompose()
+            xs = self.body(tensors)
             out: Dict[str, NestedTensor] = {}
             for name, x in xs.items():
-                m = tensor_list.mask
                 if m is None:
                     raise ValueError("the backbone needs tensor_list.mask, got a NestedTensor without a mask")
                 out[name] = NestedTensor(x, downsample_mask_reference(m, [x.shape[-2], x.shape[-1]]))
@@ -38,7 +40,7 @@ class MaskedBackboneBase(nn.Module):
         return self._forward_eager(tensor_list)
 
     @torch.jit.unused
-    def _forward_eager(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+    def _forward_eager(self, tensor_list: NestedTensorLike) -> Dict[str, NestedTensor]:
         check_nested_tensor(tensor_list)
         mask = tensor_list.mask
         if mask is None:

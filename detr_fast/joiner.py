@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import compiling
-from .nested_tensor import NestedTensor, trusted_image_sizes
+from .nested_tensor import NestedTensor, NestedTensorLike, trusted_image_sizes
 from .sine import POS_DTYPES, PositionEmbeddingSine, announce_embedding, compute_levels
 from .validation import check_mask, check_nested_tensor
 
@@ -23,12 +23,13 @@ class JoinerBase(nn.Sequential):
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
 
-    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def forward(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
+        # Scripted: any NestedTensor class with decompose() in (see NestedTensorLike), detr_fast's out.
         if torch.jit.is_scripting():
             return self._levels(tensor_list)
         return self._forward_eager(tensor_list)
 
-    def _levels(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def _levels(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
         xs = self[0](tensor_list)
         names = list(xs.keys())
         names.sort()
@@ -41,7 +42,7 @@ class JoinerBase(nn.Sequential):
         return out, pos
 
     @torch.jit.unused
-    def _forward_eager(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def _forward_eager(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
         check_nested_tensor(tensor_list)
         embedding = self[1]
         # Under torch.compile nothing is announced: the compiler fuses the masks' small ops itself.

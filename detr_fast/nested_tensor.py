@@ -9,12 +9,29 @@ mask's memory, shape, strides and version counter at creation are recorded, and 
 a view of it) put in its place or an in-place edit of it disables them (except for edits of
 inference tensors, which have no version counter).
 """
+import warnings
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .dispatch import compiling
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch.jit.interface is deprecated (TorchScript as a whole is)
+
+    @torch.jit.interface
+    class NestedTensorLike:
+        """What the scripted entry points of detr_fast's stages take: any NestedTensor class with
+        ``decompose() -> (tensors, mask)`` — detr_fast's, or DETR's ``util.misc.NestedTensor``.
+
+        TorchScript's class types are nominal: annotated with detr_fast's NestedTensor, a stage
+        scripted inside an upstream model (which passes its own NestedTensor) would not compile.
+        An interface is structural. In eager mode the annotation means nothing.
+        """
+
+        def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
+            pass
 
 
 class NestedTensor(object):

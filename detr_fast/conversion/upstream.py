@@ -13,20 +13,34 @@ Converting a Joiner also swaps an upstream sine embedding for PositionEmbeddingS
 parameters — DETR's and Deformable-DETR's classes look alike, but Deformable-DETR subtracts 0.5
 from the cumulative position, so the offset is found by running the upstream module on a probe
 mask — and the Joiner's class for detr_fast's.
+Scripted, detr_fast's stages take any NestedTensor class with decompose() (NestedTensorLike): a
+stage whose forward names a class TorchScript cannot take so is left as it was (script_input_problem).
 """
+import inspect
+import typing
+import warnings
 from typing import Any, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .. import backbone as deformable_conventions
 from .. import detr as detr_conventions
 from ..backbone import MaskedBackboneBase
 from ..joiner import JoinerBase
-from ..nested_tensor import NestedTensor
+from ..nested_tensor import NestedTensor, NestedTensorLike
 from ..sine import PositionEmbeddingSine
-from .machinery import ConversionReport, StageKind, Undo, fold_body, join_path, probe_images, replace_frozen_bns
+from .machinery import (
+    ConversionReport,
+    LeaveAsIs,
+    StageKind,
+    Undo,
+    fold_body,
+    join_path,
+    probe_images,
+    replace_frozen_bns,
+)
 
 _OFFSET_CANDIDATES = (0.0, -0.5)  # DETR, Deformable-DETR
 
@@ -64,7 +78,59 @@ def _backbone_class(backbone: nn.Module) -> type:
     return detr_conventions.BackboneBase
 
 
+def _input_annotation(module: nn.Module) -> Any:
+    """The annotation of forward's first argument after self (resolved when it can be), else None."""
+    forward = getattr(type(module), "forward", None)
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return None
+    try:
+        return typing.get_type_hints(forward).get(params[0].name, params[0].annotation)
+    except Exception:  # a forward reference that does not resolve here: unknown
+        return params[0].annotation
+
+
+def script_input_problem(module: nn.Module) -> Optional[str]:
+    """Why detr_fast's stage, whose scripted forward takes a NestedTensorLike (any class with
+    ``decompose() -> (Tensor, Optional[Tensor])``), could not take the place of ``module`` in a
+    scripted model that passes it the NestedTensor class its forward names; None when it can (or
+    when forward names no such class: then the model does not script with it as it is either)."""
+    if isinstance(module, (JoinerBase, MaskedBackboneBase)):
+        return None
+    cls = _input_annotation(module)
+    if not inspect.isclass(cls) or cls is NestedTensor or issubclass(cls, Tensor) or cls.__module__ == "builtins":
+        return None
+    name = f"{type(module).__name__}.forward takes {cls.__module__}.{cls.__qualname__}"
+    if not callable(getattr(cls, "decompose", None)):
+        return f"{name}, which has no decompose(): scripted, detr_fast's stage reads its input with decompose()"
+    try:
+        from torch._sources import fake_range
+        from torch.jit.annotations import ann_to_type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            accepted = ann_to_type(cls, fake_range()).isSubtypeOf(ann_to_type(NestedTensorLike, fake_range()))
+    except AttributeError:  # another torch's TorchScript API: decompose() is all that can be checked
+        return None
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return f"{name}, which TorchScript cannot compile ({type(err).__name__}: {first_line})"
+    if not accepted:
+        return (f"{name}, whose decompose() TorchScript does not type as () -> Tuple[Tensor, Optional[Tensor]] "
+                "(what detr_fast's scripted stage calls)")
+    return None
+
+
+def _check_scriptable_input(module: nn.Module) -> None:
+    why = script_input_problem(module)
+    if why is not None:
+        raise LeaveAsIs(f"{why}, so a scripted model would not compile with the converted stage")
+
+
 def convert_backbone(backbone: nn.Module, path: str, undo: Undo, report: ConversionReport) -> None:
+    _check_scriptable_input(backbone)
     body_path = join_path(path, "body")
     replace_frozen_bns(backbone.body, body_path, undo, report)
     fold_body(backbone.body, body_path, undo, report)
@@ -113,6 +179,7 @@ def _convert_embedding(joiner: nn.Sequential, path: str, undo: Undo, report: Con
 
 
 def convert_joiner(joiner: nn.Sequential, path: str, undo: Undo, report: ConversionReport) -> None:
+    _check_scriptable_input(joiner)
     convert_backbone(joiner[0], f"{path}[0]" if path else "[0]", undo, report)
     _convert_embedding(joiner, path, undo, report)
     deformable = isinstance(joiner[0], deformable_conventions.BackboneBase)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import check_backend
-from ..nested_tensor import NestedTensor, trusted_image_sizes
+from ..nested_tensor import NestedTensorLike, trusted_image_sizes
 from ..validation import check_mask, check_nested_tensor
 from .levels import compute_levels, precomputed_pos
 from .params import SineParams
@@ -50,9 +50,9 @@ class PositionEmbeddingSine(nn.Module):
         self.eps = params.eps
         self.backend = check_backend(backend)
 
-    def forward(self, tensor_list: NestedTensor) -> Tensor:
+    def forward(self, tensor_list: NestedTensorLike) -> Tensor:
         if torch.jit.is_scripting():
-            mask = tensor_list.mask
+            mask = tensor_list.decompose()[1]
             if mask is None:
                 raise ValueError("PositionEmbeddingSine needs tensor_list.mask, got a NestedTensor without a mask")
             return self.reference(mask)
@@ -74,7 +74,7 @@ class PositionEmbeddingSine(nn.Module):
         return cached[1]
 
     @torch.jit.unused
-    def _forward_eager(self, tensor_list: NestedTensor) -> Tensor:
+    def _forward_eager(self, tensor_list: NestedTensorLike) -> Tensor:
         check_nested_tensor(tensor_list)
         mask = tensor_list.mask
         if mask is None:
@@ -115,11 +115,13 @@ class PositionEmbeddingLearned(nn.Module):
         nn.init.uniform_(self.row_embed.weight)
         nn.init.uniform_(self.col_embed.weight)
 
-    def forward(self, tensor_list: Union[NestedTensor, Tensor]) -> Tensor:
-        if isinstance(tensor_list, NestedTensor):
-            x = tensor_list.tensors
-        else:
+    def forward(self, tensor_list: Union[NestedTensorLike, Tensor]) -> Tensor:
+        if isinstance(tensor_list, Tensor):
             x = tensor_list
+        elif torch.jit.is_scripting():
+            x = tensor_list.decompose()[0]
+        else:
+            x = tensor_list.tensors
         h, w = x.shape[-2], x.shape[-1]
         if h > 50 or w > 50:
             raise ValueError("PositionEmbeddingLearned supports feature maps of at most 50 x 50 "
