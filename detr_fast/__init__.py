@@ -10,6 +10,7 @@ from .nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from .sine import (
     PositionEmbeddingLearned,
     PositionEmbeddingSine,
+    PositionEmbeddingSineHW,
     SineParams,
     build_position_encoding,
     sine_masks_pos,  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos; no Triton)
@@ -20,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "Backbone", "BackboneBase", "ConversionReport", "FrozenBatchNorm2d", "Joiner", "NestedTensor",
-    "PositionEmbeddingLearned", "PositionEmbeddingSine", "build_backbone", "build_position_encoding",
+    "PositionEmbeddingLearned", "PositionEmbeddingSine", "PositionEmbeddingSineHW", "build_backbone",
+    "build_position_encoding",
     "nested_tensor_from_tensor_list", "convert", "fold_frozen_bn", "unfold_frozen_bn",
     "sine_position_embedding", "clear_fold_cache", "SineParams", "conversion_report",
 ]

@@ -12,6 +12,10 @@ and PyTorch's nearest index rule:
   downsampled) not-mask along rows and along columns (two float32 B x H x W tensors, 1/F of the
   output); the kernel normalizes them and evaluates sin/cos per element.
 
+Both take two frequency tables, the y half's and the x half's (DINO's PositionEmbeddingSineHW has
+one temperature per axis); each program computes one half and loads one table, so with a single
+temperature the launchers pass the same table twice and nothing per element changes.
+
 Precision: the arithmetic replays the reference's float32 operations in the same order
 ((pos + offset) / (last + eps) * scale, then / dim_t, then sin or cos). Triton's plain `/` on
 NVIDIA GPUs is an approximate division (up to 2 ulp) and `tl.sin` may be a hardware
@@ -120,8 +124,20 @@ def _tile(height, width, num_pos_feats, n_chunks, BLOCK_H: tl.constexpr, BLOCK_W
 
 
 @triton.jit
+def _half_frequencies(dim_t_ptr, dim_t_x_ptr, half, chans, chan_in):
+    """This program's frequencies: the y half's table (temperature H) or the x half's
+    (temperature W, DINO's PositionEmbeddingSineHW). One load of BLOCK_C values per program either
+    way; with one temperature the launcher passes the same table twice."""
+    if half == 0:
+        dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    else:
+        dim_t = tl.load(dim_t_x_ptr + chans, mask=chan_in, other=1.0)
+    return dim_t
+
+
+@triton.jit
 def _sine_rect_kernel(
-    pos_ptr, mask_ptr, dim_t_ptr, sizes_ptr,
+    pos_ptr, mask_ptr, dim_t_ptr, dim_t_x_ptr, sizes_ptr,
     height, width, in_height, in_width, scale_h, scale_w,
     num_pos_feats, n_chunks, offset, eps, scale,
     NORMALIZE: tl.constexpr,
@@ -132,7 +148,7 @@ def _sine_rect_kernel(
     mask is always written (1 byte per pixel next to the embedding's 2F values)."""
     b, half, rows, cols, chans, row_in, col_in, chan_in, pix, offs, store_mask = _tile(
         height, width, num_pos_feats, n_chunks, BLOCK_H, BLOCK_W, BLOCK_C)
-    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    dim_t = _half_frequencies(dim_t_ptr, dim_t_x_ptr, half, chans, chan_in)
     odd = (chans % 2) == 1
     valid_h = tl.load(sizes_ptr + 2 * b).to(tl.int32)
     valid_w = tl.load(sizes_ptr + 2 * b + 1).to(tl.int32)
@@ -166,14 +182,14 @@ def _sine_rect_kernel(
 
 @triton.jit
 def _sine_general_kernel(
-    pos_ptr, dim_t_ptr, ycum_ptr, xcum_ptr,
+    pos_ptr, dim_t_ptr, dim_t_x_ptr, ycum_ptr, xcum_ptr,
     height, width, num_pos_feats, n_chunks, offset, eps, scale,
     NORMALIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Arbitrary masks: the cumulative sums of the not-mask along rows and columns are read."""
     b, half, rows, cols, chans, row_in, col_in, chan_in, pix, offs, store_mask = _tile(
         height, width, num_pos_feats, n_chunks, BLOCK_H, BLOCK_W, BLOCK_C)
-    dim_t = tl.load(dim_t_ptr + chans, mask=chan_in, other=1.0)
+    dim_t = _half_frequencies(dim_t_ptr, dim_t_x_ptr, half, chans, chan_in)
     odd = (chans % 2) == 1
     # Triton requires a variable assigned in both branches of a runtime `if` to have one type
     # (shape included), so each branch broadcasts its total to the full tile itself.
@@ -243,6 +259,16 @@ def _grid(batch: int, height: int, width: int, num_pos_feats: int, tiles: Tiles)
     return (triton.cdiv(width, tiles.block_w), triton.cdiv(height, tiles.block_h), batch * 2 * n_chunks), n_chunks
 
 
+def _x_table(dim_t: torch.Tensor, dim_t_x: Optional[torch.Tensor]) -> torch.Tensor:
+    """The x half's frequency table: ``dim_t`` itself unless a separate one is given."""
+    if dim_t_x is None or dim_t_x is dim_t:
+        return dim_t
+    if dim_t_x.shape != dim_t.shape or dim_t_x.device != dim_t.device or dim_t_x.dtype != dim_t.dtype:
+        raise ValueError(f"dim_t_x must match dim_t ({tuple(dim_t.shape)}, {dim_t.dtype}, {dim_t.device}), got "
+                         f"{tuple(dim_t_x.shape)}, {dim_t_x.dtype}, {dim_t_x.device}")
+    return dim_t_x
+
+
 def _launch_device(device: torch.device):
     """Triton launches on the current CUDA device, whatever device the tensors are on: make it
     theirs (a no-op on one GPU, and on CPU under the interpreter)."""
@@ -251,12 +277,13 @@ def _launch_device(device: torch.device):
 
 def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tuple[int, int],
                         dim_t: torch.Tensor, normalize: bool, scale: float, offset: float, eps: float,
-                        out_dtype: torch.dtype, *, gpu_tiles: Optional[bool] = None
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+                        out_dtype: torch.dtype, *, gpu_tiles: Optional[bool] = None,
+                        dim_t_x: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Level mask and embedding buffer for rectangular padding masks.
 
     sizes: B x 2 integer tensor on the output device, each image's valid (h, w) in the input mask
-    of size in_hw. dim_t: the F float32 frequencies (reference.sine_frequencies) on that device.
+    of size in_hw. dim_t: the F float32 frequencies (reference.sine_frequencies) on that device;
+    ``dim_t_x``: the x half's, when its temperature differs (None: dim_t for both halves).
     Returns (mask B x h x w bool, pos B x h x w x 2F of out_dtype, contiguous).
     ``gpu_tiles``: use the GPU's block sizes (default: unless interpreted), so that tests can run
     the GPU's tiling in the interpreter.
@@ -275,7 +302,7 @@ def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tup
     extent_block, extent_iters = extent_constants(height, width)
     with _launch_device(device):
         _sine_rect_kernel[grid](
-            pos, mask.view(torch.uint8), dim_t, sizes.contiguous(),
+            pos, mask.view(torch.uint8), dim_t, _x_table(dim_t, dim_t_x), sizes.contiguous(),
             height, width, in_h, in_w, nearest_scale(in_h, height), nearest_scale(in_w, width),
             num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
             NORMALIZE=bool(normalize),
@@ -287,11 +314,12 @@ def sine_embedding_rect(sizes: torch.Tensor, in_hw: Tuple[int, int], out_hw: Tup
 
 def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: bool, scale: float,
                            offset: float, eps: float, out_dtype: torch.dtype, *,
-                           gpu_tiles: Optional[bool] = None) -> torch.Tensor:
+                           gpu_tiles: Optional[bool] = None, dim_t_x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Embedding buffer (B x H x W x 2F, contiguous) of an arbitrary B x H x W bool mask.
 
     The cumulative sums are taken with torch.cumsum (exact in float32: they are integers below
-    2**24); the kernel does the normalization and the sin/cos per element.
+    2**24); the kernel does the normalization and the sin/cos per element. ``dim_t_x`` as for
+    sine_embedding_rect.
     """
     batch, height, width = mask.shape
     num_pos_feats = dim_t.numel()
@@ -305,7 +333,8 @@ def sine_embedding_general(mask: torch.Tensor, dim_t: torch.Tensor, normalize: b
     grid, n_chunks = _grid(batch, height, width, num_pos_feats, tiles)
     with _launch_device(mask.device):
         _sine_general_kernel[grid](
-            pos, dim_t, ycum, xcum, height, width, num_pos_feats, n_chunks, float(offset), float(eps), float(scale),
+            pos, dim_t, _x_table(dim_t, dim_t_x), ycum, xcum, height, width, num_pos_feats, n_chunks,
+            float(offset), float(eps), float(scale),
             NORMALIZE=bool(normalize), BLOCK_H=tiles.block_h, BLOCK_W=tiles.block_w, BLOCK_C=tiles.block_c,
             num_warps=tiles.num_warps,
         )

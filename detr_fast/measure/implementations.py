@@ -149,8 +149,9 @@ class DetrFast(Implementation):
     def pos(self, features: Sequence[Tensor], masks: Sequence[Tensor]) -> List[Tensor]:
         # detr_fast writes reduced precision directly (computed in float32, rounded once).
         e = self.model[1]
-        return [sine_position_embedding(m, e.num_pos_feats, e.temperature, e.normalize, e.scale, offset=e.offset,
-                                        eps=e.eps, dtype=f.dtype, backend=e.backend)
+        p = e.sine_params()  # also a PositionEmbeddingSineHW's (its attributes are DINO's names)
+        return [sine_position_embedding(m, p.num_pos_feats, p.temperature, p.normalize, p.scale, offset=p.offset,
+                                        eps=p.eps, dtype=f.dtype, backend=e.backend, temperature_w=p.temperature_w)
                 for f, m in zip(features, masks)]
 
     def masks_pos(self, nested: NestedTensor, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:

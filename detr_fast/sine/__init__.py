@@ -5,13 +5,15 @@ from .params import FREQUENCY_RULES, SineParams
 from .position_encoding import (
     PositionEmbeddingLearned,
     PositionEmbeddingSine,
+    PositionEmbeddingSineHW,
     build_position_encoding,
     sine_position_embedding,
 )
 from .reference import downsample_mask_reference, pad_images_reference, sine_embedding_reference
 
 __all__ = [
-    "FREQUENCY_RULES", "POS_DTYPES", "PositionEmbeddingLearned", "PositionEmbeddingSine", "SineParams",
-    "announce_embedding", "announced_for", "build_position_encoding", "compute_levels", "downsample_mask_reference",
+    "FREQUENCY_RULES", "POS_DTYPES", "PositionEmbeddingLearned", "PositionEmbeddingSine", "PositionEmbeddingSineHW",
+    "SineParams", "announce_embedding", "announced_for", "build_position_encoding", "compute_levels",
+    "downsample_mask_reference",
     "pad_images_reference", "remember_pos", "sine_embedding_reference", "sine_masks_pos", "sine_position_embedding",
 ]

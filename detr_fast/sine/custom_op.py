@@ -9,9 +9,11 @@ break and calls the kernel at run time. Registered through ``torch.library.custo
 2.4) or, on older torch, ``torch.library.Library`` + ``register_fake``/``impl_abstract``/Meta.
 
 Schema: (mask, image_sizes?, height, width, num_pos_feats, temperature, normalize, scale, offset,
-eps, frequencies, dtype, need_mask) -> (level_mask, pos) where pos is the contiguous B x h x w x 2F buffer
-(callers view it as B x 2F x h x w, the reference layout) and level_mask the B x h x w
-nearest-downsampled mask, or an empty tensor when need_mask is False.
+eps, frequencies, dtype, need_mask, temperature_w?=None) -> (level_mask, pos) where pos is the
+contiguous B x h x w x 2F buffer (callers view it as B x 2F x h x w, the reference layout) and
+level_mask the B x h x w nearest-downsampled mask, or an empty tensor when need_mask is False.
+``temperature`` is the y half's temperature and ``temperature_w`` the x half's (None: the same;
+DINO's PositionEmbeddingSineHW); it comes last, with a default, so calls without it are unchanged.
 """
 from typing import Optional, Tuple
 
@@ -20,21 +22,24 @@ from torch import Tensor
 
 from ..dispatch import compiling
 from .params import SineParams
-from .reference import cached_frequencies, downsample_mask_reference
+from .reference import cached_frequencies, cached_frequency_pair, downsample_mask_reference
 
 _OP_NAME = "detr_fast::sine_masks_pos"
 _SCHEMA = ("(Tensor mask, Tensor? image_sizes, int height, int width, int num_pos_feats, float temperature, "
-           "bool normalize, float scale, float offset, float eps, str frequencies, ScalarType dtype, bool need_mask) "
-           "-> (Tensor, Tensor)")
+           "bool normalize, float scale, float offset, float eps, str frequencies, ScalarType dtype, bool need_mask, "
+           "float? temperature_w=None) -> (Tensor, Tensor)")
 
 
 def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
                          offset: float, eps: float, frequencies: str, dtype: torch.dtype,
-                         need_mask: bool) -> Tuple[Tensor, Tensor]:
+                         need_mask: bool, temperature_w: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     from ..kernels.sine_embedding import sine_embedding_general, sine_embedding_rect
 
-    dim_t = cached_frequencies(num_pos_feats, temperature, mask.device, frequencies)
+    if temperature_w is None or temperature_w == temperature:
+        dim_t = dim_t_x = cached_frequencies(num_pos_feats, temperature, mask.device, frequencies)
+    else:  # one table per axis (rows of the cached 2 x F table)
+        dim_t, dim_t_x = cached_frequency_pair(num_pos_feats, temperature, temperature_w, mask.device, frequencies)
     if image_sizes is not None:
         sizes = image_sizes
         if sizes.device != mask.device:
@@ -42,7 +47,7 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
             # the device, so the common path has no host-device synchronization.
             sizes = sizes.to(mask.device, non_blocking=True)
         level_mask, pos = sine_embedding_rect(sizes, (int(mask.shape[1]), int(mask.shape[2])), (height, width),
-                                              dim_t, normalize, scale, offset, eps, dtype)
+                                              dim_t, normalize, scale, offset, eps, dtype, dim_t_x=dim_t_x)
         return level_mask if need_mask else mask.new_empty((0,)), pos
     # Arbitrary masks: the reference downsampling, then cumulative sums + the kernel. Nearest
     # resizing to the mask's own size is the identity (scale 1.0), so a mask already at the level's
@@ -53,7 +58,7 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
         level_mask = mask.clone()  # an operator's output may not alias its input
     else:
         level_mask = mask
-    pos = sine_embedding_general(level_mask, dim_t, normalize, scale, offset, eps, dtype)
+    pos = sine_embedding_general(level_mask, dim_t, normalize, scale, offset, eps, dtype, dim_t_x=dim_t_x)
     if not need_mask:
         level_mask = mask.new_empty((0,))
     return level_mask, pos
@@ -62,7 +67,7 @@ def _sine_masks_pos_impl(mask: Tensor, image_sizes: Optional[Tensor], height: in
 def _sine_masks_pos_fake(mask: Tensor, image_sizes: Optional[Tensor], height: int, width: int,
                          num_pos_feats: int, temperature: float, normalize: bool, scale: float,
                          offset: float, eps: float, frequencies: str, dtype: torch.dtype,
-                         need_mask: bool) -> Tuple[Tensor, Tensor]:
+                         need_mask: bool, temperature_w: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     batch = mask.shape[0]
     pos = mask.new_empty((batch, height, width, 2 * num_pos_feats), dtype=dtype)
     level_mask = mask.new_empty((batch, height, width) if need_mask else (0,), dtype=torch.bool)
@@ -97,7 +102,7 @@ def sine_masks_pos(mask: Tensor, image_sizes: Optional[Tensor], height: int, wid
     No argument checking here: the caller (detr_fast.sine.levels) validates first.
     """
     args = (mask, image_sizes, height, width, params.num_pos_feats, params.temperature, params.normalize,
-            params.scale, params.offset, params.eps, params.frequencies, dtype, need_mask)
+            params.scale, params.offset, params.eps, params.frequencies, dtype, need_mask, params.temperature_w)
     if compiling():
         level_mask, pos = torch.ops.detr_fast.sine_masks_pos(*args)
     else:

@@ -1,4 +1,5 @@
-"""Position embeddings of DETR: the sine one (the kernels' target) and the learned one."""
+"""Position embeddings of DETR: the sine one (the kernels' target), DINO's sine one with a temperature
+per axis, and the learned one."""
 from typing import Optional, Tuple, Union
 
 import torch
@@ -15,14 +16,17 @@ from .reference import learned_embedding_reference, sine_embedding_formula
 def sine_position_embedding(mask: Tensor, num_pos_feats: int = 64, temperature: float = 10000,
                             normalize: bool = False, scale: Optional[float] = None, *, offset: float = 0.0,
                             eps: float = 1e-6, image_sizes: Optional[Tensor] = None,
-                            dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
+                            dtype: torch.dtype = torch.float32, backend: str = "auto",
+                            temperature_w: Optional[float] = None) -> Tensor:
     """Functional PositionEmbeddingSine: the B x 2F x H x W embedding of a B x H x W bool mask.
 
     ``image_sizes`` (optional, integer B x 2): each image's valid (h, w), promising the mask is
     that top-left rectangle — the kernels then never read the mask. ``dtype``: float32, or
     bfloat16/float16 computed in float32 and rounded once. ``backend`` as for the module.
+    ``temperature_w``: the column (x) half's temperature, ``temperature`` then being the row (y)
+    half's, as PositionEmbeddingSineHW (None: ``temperature`` for both).
     """
-    params = SineParams.from_args(num_pos_feats, temperature, normalize, scale, offset, eps)
+    params = SineParams.from_args(num_pos_feats, temperature, normalize, scale, offset, eps, temperature_w)
     check_backend(backend)
     check_mask(mask)
     return compute_levels(mask, image_sizes, [tuple(mask.shape[1:])], params, backend, dtype,
@@ -66,12 +70,17 @@ class PositionEmbeddingSine(nn.Module):
     @torch.jit.unused
     def sine_params(self) -> SineParams:
         """This module's parameters (validated; rebuilt only when an attribute was reassigned)."""
-        key = (self.num_pos_feats, self.temperature, self.normalize, self.scale, self.offset, self.eps)
+        key = self._params_key()
         cached: Optional[Tuple[tuple, SineParams]] = self.__dict__.get("_sine_params")
         if cached is None or cached[0] != key:
             cached = (key, SineParams(*key))
             self.__dict__["_sine_params"] = cached
         return cached[1]
+
+    @torch.jit.unused
+    def _params_key(self) -> tuple:
+        """SineParams' positional arguments, from this module's attributes."""
+        return (self.num_pos_feats, self.temperature, self.normalize, self.scale, self.offset, self.eps)
 
     @torch.jit.unused
     def _forward_eager(self, tensor_list: NestedTensorLike) -> Tensor:
@@ -94,6 +103,44 @@ class PositionEmbeddingSine(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "
                 f"normalize={self.normalize}, scale={self.scale}, offset={self.offset}, eps={self.eps}, "
+                f"backend={self.backend!r}")
+
+
+class PositionEmbeddingSineHW(PositionEmbeddingSine):
+    """DINO's PositionEmbeddingSineHW (DN-DETR, DAB-DETR, DINO, Grounding DINO): DETR's sine
+    embedding with one temperature per axis, ``temperatureH`` for the row (y) half (channels
+    [0, F)) and ``temperatureW`` for the column (x) half ([F, 2F)); no offset, eps 1e-6.
+
+    Same constructor and attributes as DINO's (plus the keyword ``backend``), no parameters or
+    buffers (DINO's state_dicts load strictly both ways); forward(NestedTensor) -> B x 2F x H x W
+    float32 as PositionEmbeddingSine, whose dispatch it shares (kernels, separable CPU fallback,
+    TorchScript's reference path, the Joiner's fused masks/pos).
+    """
+
+    def __init__(self, num_pos_feats: int = 64, temperatureH: float = 10000, temperatureW: float = 10000,
+                 normalize: bool = False, scale: Optional[float] = None, *, backend: str = "auto"):
+        for name, value in (("temperatureH", temperatureH), ("temperatureW", temperatureW)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        super().__init__(num_pos_feats, temperatureH, normalize, scale, backend=backend)
+        params = SineParams.from_args(num_pos_feats, temperatureH, normalize, scale, temperature_w=temperatureW)
+        # DINO's attribute names: one temperature per axis, no offset or eps (0.0 and 1e-6).
+        del self.temperature, self.offset, self.eps
+        self.temperatureH, self.temperatureW = params.temperatures
+
+    def reference(self, mask: Tensor) -> Tensor:
+        """The reference computation (DINO's formula) for a B x H x W bool mask."""
+        return sine_embedding_formula(mask, self.num_pos_feats, self.temperatureH, self.normalize, self.scale,
+                                      0.0, 1e-6, "detr", torch.float32, self.temperatureW)
+
+    @torch.jit.unused
+    def _params_key(self) -> tuple:
+        return (self.num_pos_feats, self.temperatureH, self.normalize, self.scale, 0.0, 1e-6, "detr",
+                self.temperatureW)
+
+    def extra_repr(self) -> str:
+        return (f"num_pos_feats={self.num_pos_feats}, temperatureH={self.temperatureH}, "
+                f"temperatureW={self.temperatureW}, normalize={self.normalize}, scale={self.scale}, "
                 f"backend={self.backend!r}")
 
 

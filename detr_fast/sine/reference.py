@@ -64,6 +64,23 @@ def cached_frequencies(num_pos_feats: int, temperature: float, device: torch.dev
     return dim_t
 
 
+_FREQUENCY_PAIRS: Dict[Tuple[int, float, float, str, str], Tensor] = {}
+
+
+def cached_frequency_pair(num_pos_feats: int, temperature: float, temperature_w: float, device: torch.device,
+                          rule: str = "detr") -> Tensor:
+    """The 2 x F float32 table of an embedding with one temperature per axis: row 0 the y half's
+    frequencies (``temperature``), row 1 the x half's (``temperature_w``), each bit-identical to
+    cached_frequencies'. Cached like it; callers must not modify the returned tensor."""
+    key = (num_pos_feats, float(temperature), float(temperature_w), str(device), rule)
+    table = _FREQUENCY_PAIRS.get(key)
+    if table is None:
+        table = torch.stack([sine_frequencies(num_pos_feats, t, device, rule) for t in (temperature, temperature_w)])
+        if not capturing(torch.device(device)):
+            _FREQUENCY_PAIRS[key] = table
+    return table
+
+
 def sine_embedding_reference(mask: Tensor, params: SineParams, dtype: torch.dtype = torch.float32) -> Tensor:
     """Sine position embedding of a B x H x W padding mask (True = padding).
 
@@ -72,26 +89,33 @@ def sine_embedding_reference(mask: Tensor, params: SineParams, dtype: torch.dtyp
     buffer, like the reference. Channels [0, F) encode the row (y), [F, 2F) the column (x);
     within each half, even channels are sin and odd ones cos of the same frequency.
     ``params.offset`` is added to the cumulative position (-0.5 in Deformable-DETR); normalization
-    divides by the image's un-offset extent, as Deformable-DETR does.
+    divides by the image's un-offset extent, as Deformable-DETR does. The y half's frequencies use
+    ``params.temperature``, the x half's ``params.temperature_w`` when set (DINO's PositionEmbeddingSineHW).
     """
     return sine_embedding_formula(mask, params.num_pos_feats, params.temperature, params.normalize,
-                                  params.scale, params.offset, params.eps, params.frequencies, dtype)
+                                  params.scale, params.offset, params.eps, params.frequencies, dtype,
+                                  params.temperature_w)
 
 
 def sine_embedding_formula(mask: Tensor, num_pos_feats: int, temperature: float, normalize: bool,
                            scale: float, offset: float, eps: float, frequencies: str = "detr",
-                           dtype: torch.dtype = torch.float32) -> Tensor:
+                           dtype: torch.dtype = torch.float32, temperature_w: Optional[float] = None) -> Tensor:
     """sine_embedding_reference with the parameters spelled out (TorchScript cannot take a
     SineParams, so the scripted PositionEmbeddingSine calls this with its attributes), computed
-    in ``dtype`` (float32 as the reference; float64 for float64 models)."""
+    in ``dtype`` (float32 as the reference; float64 for float64 models). ``temperature`` is the
+    row (y) half's, ``temperature_w`` (None: the same) the column (x) half's, as in DINO's
+    PositionEmbeddingSineHW, which computes the two tables separately as done here."""
     not_mask = ~mask
     y_embed = not_mask.cumsum(1, dtype=dtype)
     x_embed = not_mask.cumsum(2, dtype=dtype)
     y_embed = normalize_positions(y_embed, y_embed[:, -1:, :], normalize, scale, offset, eps)
     x_embed = normalize_positions(x_embed, x_embed[:, :, -1:], normalize, scale, offset, eps)
     dim_t = sine_frequencies(num_pos_feats, temperature, mask.device, frequencies, dtype)
+    dim_t_x = dim_t
+    if temperature_w is not None and temperature_w != temperature:
+        dim_t_x = sine_frequencies(num_pos_feats, temperature_w, mask.device, frequencies, dtype)
     pos_y = sine_of_positions(y_embed, dim_t)
-    pos_x = sine_of_positions(x_embed, dim_t)
+    pos_x = sine_of_positions(x_embed, dim_t_x)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 

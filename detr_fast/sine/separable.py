@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from .params import SineParams
-from .reference import cached_frequencies, downsample_mask_reference, normalize_positions, sine_of_positions
+from .reference import (
+    cached_frequencies,
+    cached_frequency_pair,
+    downsample_mask_reference,
+    normalize_positions,
+    sine_of_positions,
+)
 
 
 def rectangle_mask(sizes: Tensor, height: int, width: int, device: torch.device) -> Tensor:
@@ -103,7 +109,14 @@ def sine_embedding_separable(sizes: Tensor, height: int, width: int, params: Sin
     total = torch.where(steps > 0, extents, 0.0) if params.normalize else cum
     positions = normalize_positions(cum, total, params.normalize, params.scale, params.offset, params.eps)
     values = torch.empty((2 * batch, length + 1, f), dtype=torch.float32, device=device)
-    sine_of_positions(positions, cached_frequencies(f, params.temperature, device, params.frequencies), out=values)
+    if params.temperature_w is None:
+        sine_of_positions(positions, cached_frequencies(f, params.temperature, device, params.frequencies), out=values)
+    else:
+        # One temperature per axis (DINO): the y rows take row 0 of the 2 x F table, the x rows
+        # row 1, still in one broadcast call (2 x B x (L+1) positions against 2 x 1 x 1 x F).
+        table = cached_frequency_pair(f, params.temperature, params.temperature_w, device, params.frequencies)
+        sine_of_positions(positions.reshape(2, batch, length + 1), table[:, None, None, :],
+                          out=values.view(2, batch, length + 1, f))
     y_valid, y_pad = values[:batch, :height], values[:batch, length]  # B x H x F, B x F
     x_valid, x_pad = values[batch:, :width], values[batch:, length]  # B x W x F, B x F
     # Each half is first written with its valid values everywhere (one broadcast copy), then the
