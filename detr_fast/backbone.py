@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from .joiner import JoinerBase
-from .nested_tensor import NestedTensor, NestedTensorLike, nested_like, trusted_image_sizes
+from .nested_tensor import NestedTensor, NestedTensorLike, nested_like, script_nested_tensor, trusted_image_sizes
 from .resnet import freeze_parameters, layer_channels, make_frozen_resnet
 from .sine import announced_for, build_position_encoding, compute_levels, downsample_mask_reference, remember_pos
 from .validation import check_mask, check_nested_tensor
@@ -24,6 +24,11 @@ class MaskedBackboneBase(nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         freeze_parameters(backbone, train_backbone)
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self) -> "MaskedBackboneBase":
+        script_nested_tensor()  # so that the scripted module takes detr_fast's NestedTensor too
+        return self
 
     def forward(self, tensor_list: NestedTensorLike) -> Dict[str, NestedTensor]:
         # Scripted, any NestedTensor class with decompose() is taken (DETR's own included) and

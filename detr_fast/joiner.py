@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import compiling
-from .nested_tensor import NestedTensor, NestedTensorLike, trusted_image_sizes
+from .nested_tensor import NestedTensor, NestedTensorLike, script_nested_tensor, trusted_image_sizes
 from .sine import POS_DTYPES, PositionEmbeddingSine, announce_embedding, compute_levels
 from .validation import check_mask, check_nested_tensor
 
@@ -22,6 +22,11 @@ class JoinerBase(nn.Sequential):
 
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self) -> "JoinerBase":
+        script_nested_tensor()  # so that the scripted module takes detr_fast's NestedTensor too
+        return self
 
     def forward(self, tensor_list: NestedTensorLike) -> Tuple[List[NestedTensor], List[Tensor]]:
         # Scripted: any NestedTensor class with decompose() in (see NestedTensorLike), detr_fast's out.

@@ -111,6 +111,22 @@ def nested_like(template: Any, tensors: Tensor, mask: Optional[Tensor],
         return NestedTensor(tensors, mask, image_sizes)
 
 
+@torch.jit.unused
+def script_nested_tensor() -> None:
+    """Compile detr_fast's NestedTensor as a TorchScript class (once; a scripted stage's
+    ``__prepare_scriptable__`` calls it). TorchScript hands a Python object to a NestedTensorLike
+    argument only if the object's class is compiled: without this a stage scripted on its own (an
+    embedding, say) could not be called with detr_fast's NestedTensor."""
+    if not _SCRIPTED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+            torch.jit.script(NestedTensor)
+        _SCRIPTED.append(True)
+
+
+_SCRIPTED: List[bool] = []
+
+
 def _mask_stamp(t: Tensor) -> List[int]:
     """Version counter, address, shape and strides: an in-place edit changes the first, a mask (or
     a view of it) put in the place of another one of the others."""

@@ -16,7 +16,8 @@ pytest.importorskip("timm", reason="the DETR family's default backbone needs the
 
 import detr_fast  # noqa: E402
 from detr_fast import measure  # noqa: E402
-from detr_fast.measure import model_zoo, profile
+from detr_fast.measure import model_zoo, profile  # noqa: E402
+from detr_fast.measure import report as table_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -123,7 +124,7 @@ def test_model_profile_runs_end_to_end(name):
     assert report["model"] == name and report["tiny"] and report["padded"] == (name == "detr")
     assert report["batch"] == (2 if name == "detr" else 1)
     assert "folded" in report["conversion"]
-    table = report.format_table(report)
+    table = table_report.format_table(report)
     assert f"model: {name} = " in table and "backbone share of the forward" in table
     assert "differ from the backbone row" in table  # two measurements, and the line says why they differ
     assert "logits" in table and "pred_boxes" in table

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import check_backend
-from ..nested_tensor import NestedTensorLike, trusted_image_sizes
+from ..nested_tensor import NestedTensorLike, script_nested_tensor, trusted_image_sizes
 from ..validation import check_mask, check_nested_tensor
 from .levels import compute_levels, precomputed_pos
 from .params import SineParams
@@ -53,6 +53,11 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = params.offset
         self.eps = params.eps
         self.backend = check_backend(backend)
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self) -> "PositionEmbeddingSine":
+        script_nested_tensor()  # so that the scripted module takes detr_fast's NestedTensor too
+        return self
 
     def forward(self, tensor_list: NestedTensorLike) -> Tensor:
         if torch.jit.is_scripting():
@@ -161,6 +166,11 @@ class PositionEmbeddingLearned(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.row_embed.weight)
         nn.init.uniform_(self.col_embed.weight)
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self) -> "PositionEmbeddingLearned":
+        script_nested_tensor()  # so that the scripted module takes detr_fast's NestedTensor too
+        return self
 
     def forward(self, tensor_list: Union[NestedTensorLike, Tensor]) -> Tensor:
         if isinstance(tensor_list, Tensor):
