@@ -153,7 +153,7 @@ def test_cases_and_bad_arguments():
     assert [c.level for c in measure.cases("pos", 1.0, [2], ["float32"])] == ["s8", "s16", "s32"]
     # masks are bool whatever the dtype: one dtype only.
     assert len(measure.cases("masks", 1.0, [2, 8], ["float32", "bfloat16"])) == 6
-    assert len(measure.cases("backbone", 1.0, [2, 8], ["float32", "bfloat16"])) == 8
+    assert len(measure.cases("backbone", 1.0, [2, 8], ["float32", "bfloat16"])) == 12  # 3 variants
     with pytest.raises(ValueError, match="stage"):
         measure.cases("nope", 1.0, [2], ["float32"])
     with pytest.raises(ValueError, match="dtype"):

@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(detr_fast.__file__).parent
 LAZY = {("sine/custom_op.py", "detr_fast.kernels.sine_embedding")}
 FOLDERS = ("sine", "fold", "conversion", "measure", "kernels")
 # The drop-in API at the top, built on sine/ and fold/; the utilities everything may use.
-API_MODULES = ("backbone", "joiner", "detr", "resnet")
+API_MODULES = ("backbone", "joiner", "detr", "dino", "resnet")
 UTILITIES = ("dispatch", "validation", "nested_tensor")
 # What each folder may import from the others (and the top-level modules it may use).
 ALLOWED = {

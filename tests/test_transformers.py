@@ -99,6 +99,8 @@ def _hf_sine_variants():
         "table": lambda: table(32, normalize=True),
         "dab": lambda: dab(t.DabDetrConfig(hidden_size=64)),
         "dab-48": lambda: dab(t.DabDetrConfig(hidden_size=96, temperature_height=10, temperature_width=10)),
+        "dab-two-temperatures": lambda: dab(t.DabDetrConfig(hidden_size=96, temperature_height=20,
+                                                            temperature_width=7)),
     }
 
 
@@ -217,12 +219,23 @@ def test_unsupported_backbone_is_left_as_it_was_with_a_warning():
     assert "model.backbone" in dict(detr_fast.conversion_report(model).skipped)
 
 
-def test_dab_with_two_temperatures_keeps_its_embedding():
+def test_dab_with_two_temperatures_is_converted_like_one():
     model = build("dab", "timm-resnet18", temperature_height=20, temperature_width=10)
-    with pytest.warns(UserWarning, match="temperatures differ"):
-        detr_fast.convert(model)
-    assert type(model.model.backbone.position_embedding).__module__.startswith("transformers")
-    assert detr_fast.conversion_report(model).folded == 20  # the backbone is still folded
+    pixel_values, pixel_mask = inputs()
+    with torch.no_grad():
+        expected = outputs(model, pixel_values, pixel_mask)
+    _convert_quietly(model)  # no warning
+    embedding = model.model.backbone.position_embedding
+    assert isinstance(embedding, TransformersSineEmbeddingLegacy)
+    assert embedding.params.temperatures == (20.0, 10.0)
+    assert (embedding.temperature_height, embedding.temperature_width) == (20, 10)  # its attributes are kept
+    report = detr_fast.conversion_report(model)
+    assert report.folded == 20 and not report.skipped
+    assert any("temperature_w=10.0" in line for line in report.swapped)
+    with torch.no_grad():
+        got = outputs(model, pixel_values, pixel_mask)
+    for key in expected:
+        assert _rel_err(got[key], expected[key]) <= 1e-4, key
 
 
 def test_second_convert_changes_nothing():

@@ -14,7 +14,8 @@ Recognised by structure and by probing what a module computes, never by class na
   ``forward(shape, device, dtype, mask=None)`` or ``forward(pixel_values, pixel_mask)``. Its
   parameters are read from its attributes under any of their names and confirmed by running it
   on probe masks: the candidate (offset 0 or Deformable DETR's -0.5; DETR's or DAB-DETR's rounding
-  of the frequencies) that reproduces it bit for bit in float32 replaces it. Learned embeddings
+  of the frequencies; DAB-DETR's two temperatures, equal or not) that reproduces it bit for bit in
+  float32 replaces it. Learned embeddings
   and RT-DETR's mask-free, already cached embedding are left alone.
 """
 import inspect
@@ -114,12 +115,13 @@ def _call(module: nn.Module, convention: str, mask: Tensor) -> Tensor:
 
 def _candidates(module: nn.Module) -> Iterator[SineParams]:
     feats = next((getattr(module, n) for n in _FEATURE_NAMES if hasattr(module, n)), None)
+    temperature_w = None
     if hasattr(module, "temperature"):
         temperature = module.temperature
     else:
         temperature = module.temperature_height
         if module.temperature_width != temperature:
-            return  # DAB-DETR with two temperatures: not one SineParams
+            temperature_w = float(module.temperature_width)  # DAB-DETR: pos_x with its own temperature
     normalize = bool(getattr(module, "normalize", True))  # DAB-DETR always normalizes
     scale = getattr(module, "scale", None)
     scale = 2 * math.pi if scale is None or not normalize else float(scale)
@@ -128,7 +130,7 @@ def _candidates(module: nn.Module) -> Iterator[SineParams]:
     for offset in ((0.0, -0.5) if normalize else (0.0,)):
         for rule in FREQUENCY_RULES:
             try:
-                yield SineParams(int(feats), float(temperature), normalize, scale, offset, 1e-6, rule)
+                yield SineParams(int(feats), float(temperature), normalize, scale, offset, 1e-6, rule, temperature_w)
             except ValueError:
                 return
 
@@ -142,9 +144,6 @@ def find_sine_params(module: nn.Module) -> Tuple[Optional[SineParams], str]:
             wanted = [_call(module, convention, m) for m in masks]
     except Exception as err:
         return None, f"it does not run on a probe mask ({type(err).__name__}: {err})"
-    if hasattr(module, "temperature_height") and module.temperature_height != module.temperature_width:
-        return None, (f"its height and width temperatures differ ({module.temperature_height} vs "
-                      f"{module.temperature_width}); detr_fast's embedding has one")
     for params in _candidates(module):
         got = [sine_embedding_reference(~m, params) for m in masks]
         if all(g.shape == w.shape and torch.equal(g, w.float()) for g, w in zip(got, wanted)):

@@ -1,18 +1,24 @@
-"""convert() for models built by the original code: facebookresearch/detr and Deformable-DETR.
+"""convert() for models built by the original code: facebookresearch/detr and Deformable-DETR, and
+IDEA-Research's DINO family (DINO, DN-DETR, DAB-DETR, Mask DINO, Grounding DINO), which shares their layout.
 
 A stage is recognised by its structure, not by where its classes come from:
 - a backbone: a module with a ``.body`` that is torchvision's IntermediateLayerGetter (both DETR
   and Deformable-DETR use it), inside a Joiner or on its own;
 - a Joiner: an nn.Sequential of exactly two modules, [0] such a backbone and [1] a position
-  embedding (a sine one: ``num_pos_feats``, ``temperature``, ``normalize``, ``scale``; or a learned one).
+  embedding (a sine one: ``num_pos_feats``, ``temperature`` — or DINO's ``temperatureH`` and
+  ``temperatureW`` —, ``normalize``, ``scale``; or a learned one); or [0] any other module (DINO's
+  Swin or ConvNeXt) and [1] a sine embedding: then only the embedding is converted.
 
 Converting a backbone: other frozen BN classes become detr_fast's over the same buffers, the body
 is folded, and the backbone's class becomes detr_fast's (Deformable-DETR conventions when it has
-``strides`` or a list ``num_channels``, else DETR's; its attributes and parameters are kept).
+``strides``, DINO's when it has a list ``num_channels`` and no strides, else DETR's; its attributes
+and parameters are kept).
 Converting a Joiner also swaps an upstream sine embedding for PositionEmbeddingSine with the same
 parameters — DETR's and Deformable-DETR's classes look alike, but Deformable-DETR subtracts 0.5
 from the cumulative position, so the offset is found by running the upstream module on a probe
-mask — and the Joiner's class for detr_fast's.
+mask — and the Joiner's class for detr_fast's. DINO's PositionEmbeddingSineHW (any two temperatures,
+read from ``temperatureH``/``temperatureW`` and confirmed on the probe mask) becomes
+detr_fast.PositionEmbeddingSineHW. The NestedTensor class of the outputs stays the caller's.
 Scripted, detr_fast's stages take any NestedTensor class with decompose() (NestedTensorLike): a
 stage whose forward names a class TorchScript cannot take so is left as it was (script_input_problem).
 """
@@ -27,10 +33,11 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from .. import backbone as deformable_conventions
 from .. import detr as detr_conventions
+from .. import dino as dino_conventions
 from ..backbone import MaskedBackboneBase
 from ..joiner import JoinerBase
 from ..nested_tensor import NestedTensor, NestedTensorLike
-from ..sine import PositionEmbeddingSine
+from ..sine import PositionEmbeddingSine, PositionEmbeddingSineHW
 from .machinery import (
     ConversionReport,
     LeaveAsIs,
@@ -49,9 +56,14 @@ def is_backbone(module: Any) -> bool:
     return isinstance(module, nn.Module) and isinstance(getattr(module, "body", None), IntermediateLayerGetter)
 
 
+def _is_hw(module: Any) -> bool:
+    """DINO's PositionEmbeddingSineHW: a temperature per axis."""
+    return hasattr(module, "temperatureH") and hasattr(module, "temperatureW")
+
+
 def _is_sine(module: Any) -> bool:
-    return isinstance(module, nn.Module) and all(
-        hasattr(module, a) for a in ("num_pos_feats", "temperature", "normalize", "scale"))
+    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in ("num_pos_feats", "normalize", "scale")) \
+        and (hasattr(module, "temperature") or _is_hw(module))
 
 
 def _is_position_embedding(module: Any) -> bool:
@@ -59,8 +71,12 @@ def _is_position_embedding(module: Any) -> bool:
 
 
 def is_joiner(module: Any) -> bool:
-    return (isinstance(module, nn.Sequential) and len(module) == 2 and is_backbone(module[0])
-            and _is_position_embedding(module[1]))
+    if not (isinstance(module, nn.Sequential) and len(module) == 2):
+        return False
+    if is_backbone(module[0]):
+        return _is_position_embedding(module[1])
+    # A backbone whose body is not a ResNet (DINO's Swin, ConvNeXt): only its sine embedding is converted.
+    return _is_sine(module[1])
 
 
 def _probe_args(stage: nn.Module) -> Tuple[NestedTensor]:
@@ -73,8 +89,10 @@ def _probe_args(stage: nn.Module) -> Tuple[NestedTensor]:
 def _backbone_class(backbone: nn.Module) -> type:
     if isinstance(backbone, MaskedBackboneBase):
         return type(backbone)
-    if hasattr(backbone, "strides") or isinstance(getattr(backbone, "num_channels", None), list):
+    if hasattr(backbone, "strides"):
         return deformable_conventions.BackboneBase
+    if isinstance(getattr(backbone, "num_channels", None), list):
+        return dino_conventions.BackboneBase
     return detr_conventions.BackboneBase
 
 
@@ -140,12 +158,36 @@ def convert_backbone(backbone: nn.Module, path: str, undo: Undo, report: Convers
         undo.class_swap(backbone, cls)
 
 
-def _find_offset(pos: nn.Module) -> Optional[PositionEmbeddingSine]:
-    """detr_fast's PositionEmbeddingSine reproducing ``pos`` on a probe mask, else None."""
+def _probe_mask() -> Tuple[torch.Tensor, NestedTensor]:
     mask = torch.zeros(2, 6, 9, dtype=torch.bool)
     mask[0, 4:, :] = True
     mask[1, :, 5:] = True
-    probe = NestedTensor(torch.zeros(2, 1, 6, 9), mask)
+    return mask, NestedTensor(torch.zeros(2, 1, 6, 9), mask)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return got.shape == want.shape and torch.allclose(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def _find_hw(pos: nn.Module) -> Optional[PositionEmbeddingSineHW]:
+    """detr_fast's PositionEmbeddingSineHW reproducing DINO's ``pos`` on a probe mask, else None."""
+    mask, probe = _probe_mask()
+    try:
+        with torch.no_grad():
+            want = pos(probe)
+            normalize = bool(pos.normalize)
+            scale = float(pos.scale) if normalize and pos.scale is not None else None
+            candidate = PositionEmbeddingSineHW(int(pos.num_pos_feats), float(pos.temperatureH),
+                                                float(pos.temperatureW), normalize, scale)
+            got = candidate(NestedTensor(torch.zeros(2, 1, 6, 9), mask.clone()))
+        return candidate if _same(got, want) else None
+    except Exception:  # an unusual embedding: not convertible, reported by the caller
+        return None
+
+
+def _find_offset(pos: nn.Module) -> Optional[PositionEmbeddingSine]:
+    """detr_fast's PositionEmbeddingSine reproducing ``pos`` on a probe mask, else None."""
+    mask, probe = _probe_mask()
     try:
         with torch.no_grad():
             want = pos(probe)
@@ -153,8 +195,7 @@ def _find_offset(pos: nn.Module) -> Optional[PositionEmbeddingSine]:
         for offset in _OFFSET_CANDIDATES:
             candidate = PositionEmbeddingSine(int(pos.num_pos_feats), float(pos.temperature), bool(pos.normalize),
                                               scale if pos.normalize else None, offset=offset, backend="auto")
-            got = candidate.reference(mask)
-            if got.shape == want.shape and torch.allclose(got, want.float(), rtol=1e-5, atol=1e-5):
+            if _same(candidate.reference(mask), want):
                 return candidate
     except Exception:  # an unusual embedding: not convertible, reported by the caller
         return None
@@ -168,6 +209,18 @@ def _convert_embedding(joiner: nn.Sequential, path: str, undo: Undo, report: Con
     if not _is_sine(pos):
         report.skipped.append((where, f"{type(pos).__name__} is not a sine embedding; kept as it is"))
         return
+    if _is_hw(pos):
+        hw = _find_hw(pos)
+        if hw is None:
+            report.skipped.append((where, f"{type(pos).__name__} does not match DINO's sine embedding with its "
+                                          f"temperatureH={pos.temperatureH!r}, temperatureW={pos.temperatureW!r} "
+                                          "on a probe mask; kept"))
+            return
+        hw.train(pos.training)
+        undo.child_swap(joiner, "1", hw)
+        report.swapped.append(f"{where}: {type(pos).__name__} -> detr_fast.PositionEmbeddingSineHW (temperatures "
+                              f"{hw.temperatureH:g}, {hw.temperatureW:g})")
+        return
     new = _find_offset(pos)
     if new is None:
         report.skipped.append((where, f"{type(pos).__name__} matches neither DETR's nor Deformable-DETR's "
@@ -180,10 +233,22 @@ def _convert_embedding(joiner: nn.Sequential, path: str, undo: Undo, report: Con
 
 def convert_joiner(joiner: nn.Sequential, path: str, undo: Undo, report: ConversionReport) -> None:
     _check_scriptable_input(joiner)
-    convert_backbone(joiner[0], f"{path}[0]" if path else "[0]", undo, report)
+    backbone_path = f"{path}[0]" if path else "[0]"
+    if not is_backbone(joiner[0]):
+        # Its own forward (masks included) is kept, and so is the Joiner's: only [1] is replaced.
+        report.skipped.append((backbone_path, f"{type(joiner[0]).__name__} has no ResNet body (a torchvision "
+                                              "IntermediateLayerGetter) for detr_fast to fold; kept as it is"))
+        _convert_embedding(joiner, path, undo, report)
+        return
+    convert_backbone(joiner[0], backbone_path, undo, report)
     _convert_embedding(joiner, path, undo, report)
     deformable = isinstance(joiner[0], deformable_conventions.BackboneBase)
-    cls = deformable_conventions.Joiner if deformable else detr_conventions.Joiner
+    if deformable:
+        cls = deformable_conventions.Joiner
+    elif isinstance(joiner[0], dino_conventions.BackboneBase):
+        cls = dino_conventions.Joiner
+    else:
+        cls = detr_conventions.Joiner
     if not isinstance(joiner, JoinerBase):
         if deformable:
             for attr in ("strides", "num_channels"):
@@ -194,6 +259,6 @@ def convert_joiner(joiner: nn.Sequential, path: str, undo: Undo, report: Convers
 
 
 KINDS = (
-    StageKind("DETR / Deformable-DETR Joiner", is_joiner, _probe_args, convert_joiner),
+    StageKind("DETR / Deformable-DETR / DINO Joiner", is_joiner, _probe_args, convert_joiner),
     StageKind("DETR / Deformable-DETR backbone", is_backbone, _probe_args, convert_backbone),
 )

@@ -13,8 +13,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STAGES = ("pad", "masks", "pos", "masks_pos", "backbone", "joiner")
 IMPLS = ("reference", "detr_fast", "compile", "onnxruntime")
 STRIDES = (8, 16, 32)                   # the levels of Deformable-DETR (layers 2-4)
-VARIANTS = ("layer4", "layers2-4")      # DETR's detection backbone; Deformable-DETR's
-VARIANT_STRIDES = {"layer4": (32,), "layers2-4": (8, 16, 32)}
+VARIANTS = ("layer4", "layers2-4", "dino-4scale")  # DETR's detection backbone; Deformable-DETR's; DINO-4scale's
+VARIANT_STRIDES = {"layer4": (32,), "layers2-4": (8, 16, 32), "dino-4scale": (8, 16, 32)}
 # Which dtypes a stage is parametrized over: masks are bool whatever the features' dtype.
 STAGE_DTYPES = {"pad": True, "masks": False, "pos": True, "masks_pos": True, "backbone": True, "joiner": True}
 LEVEL_STAGES = ("masks", "pos", "masks_pos")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import dino
 from ..backbone import Backbone, Joiner
 from ..conversion import conversion_report, convert
 from ..dispatch import sine_path, triton_available
@@ -20,6 +21,7 @@ from ..joiner import JoinerBase
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list, trusted_image_sizes
 from ..sine import (
     PositionEmbeddingSine,
+    PositionEmbeddingSineHW,
     compute_levels,
     downsample_mask_reference,
     pad_images_reference,
@@ -37,6 +39,12 @@ def build_reference_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     torch.manual_seed(seed)
+    if variant == "dino-4scale":  # DINO's layout: layers 2-4, temperatures 20/20, pos cast to the features' dtype
+        backbone = dino.Backbone("resnet50", False, False, [1, 2, 3], pretrained=False)
+        randomize_frozen_bn(backbone, torch.Generator().manual_seed(seed))
+        embedding = PositionEmbeddingSineHW(POS_FEATS, 20, 20, normalize=True)
+        embedding.backend = "torch"
+        return dino.Joiner(backbone, embedding).eval()
     backbone = Backbone("resnet50", False, variant == "layers2-4", False, pretrained=False)
     randomize_frozen_bn(backbone, torch.Generator().manual_seed(seed))
     return Joiner(backbone, PositionEmbeddingSine(POS_FEATS, normalize=True, backend="torch")).eval()
