@@ -7,6 +7,7 @@ from .cases import (
     NETWORK_STAGES,
     POS_CHANNELS,
     STAGES,
+    TRAIN_STAGE,
     VARIANTS,
     Case,
     cases,
@@ -25,10 +26,13 @@ from .implementations import (
 )
 from .model_zoo import Unavailable
 from .stages import Runner, build, device_name
+from .training import autocast_unavailable_reason, cpu_info, cpu_label, train_unavailable_reason
 
 __all__ = [
-    "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "VARIANTS", "Case",
+    "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "TRAIN_STAGE",
+    "VARIANTS", "Case",
     "Compiled", "Runner", "Unavailable", "build", "cases", "compile_unavailable_reason", "detector_implementation",
     "detectors", "device_name", "implementation", "make_fast_model", "model_case", "model_cases",
-    "onnxruntime_unavailable_reason", "prediction_errors",
+    "onnxruntime_unavailable_reason", "prediction_errors", "autocast_unavailable_reason", "cpu_info", "cpu_label",
+    "train_unavailable_reason",
 ]
