@@ -30,6 +30,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from detr_fast import measure
 from detr_fast.measure import model_zoo
 from detr_fast.measure.timing import peak_memory
+from detr_fast.measure.training import step_peak_memory
 
 CPU_DEFAULT_SCALE = 0.25
 CUDA_DEFAULT_SCALE = 1.0
@@ -88,17 +89,22 @@ class Settings:
     warmup: int
     models: List[str]
     model_scale: float
+    # The train stage's dtypes: --bench-dtypes when given, else float32 and bfloat16 autocast on
+    # every device (a CPU without bf16 hardware skips those rows with the reason).
+    train_dtypes: List[str]
 
     def scale_of(self, stage: str) -> float:
         """--bench-scale for the network stages, --bench-light-scale for the cheap ones,
         --bench-model-scale for the model stage."""
         if stage == measure.MODEL_STAGE:
             return self.model_scale
-        return self.scale if stage in measure.NETWORK_STAGES else self.light_scale
+        return self.scale if stage in measure.NETWORK_STAGES + (measure.TRAIN_STAGE,) else self.light_scale
 
     def cases(self, stage: str) -> List[measure.Case]:
         if stage == measure.MODEL_STAGE:
             return measure.model_cases(self.models, self.model_scale, self.dtypes, self.device)
+        if stage == measure.TRAIN_STAGE:
+            return measure.cases(stage, self.scale, self.batches, self.train_dtypes)
         return measure.cases(stage, self.scale_of(stage), self.batches, self.dtypes)
 
     def case(self, stage: str, level: str, dtype: str, batch: int) -> measure.Case:
@@ -146,6 +152,7 @@ def settings(config) -> Settings:
     if any(b < 1 for b in batches):
         raise pytest.UsageError(f"--bench-batches must be >= 1, got {batches}")
     dtypes = config.getoption("--bench-dtypes") or ("float32,bfloat16" if on_cuda else "float32")
+    train_dtypes = config.getoption("--bench-dtypes") or "float32,bfloat16"
     warmup = config.getoption("--bench-warmup")
     warmup = warmup if warmup is not None else (3 if on_cuda else 0)
     if warmup < 0:
@@ -155,7 +162,8 @@ def settings(config) -> Settings:
         raise pytest.UsageError(f"--bench-model-scale must be in (0, 4], got {model_scale}")
     result = Settings(device, scale, light_scale, batches, _split(dtypes, "--bench-dtypes", measure.DTYPES),
                       _split(config.getoption("--bench-impls"), "--bench-impls", measure.IMPLS), warmup,
-                      _split(config.getoption("--bench-models"), "--bench-models", model_zoo.MODELS), model_scale)
+                      _split(config.getoption("--bench-models"), "--bench-models", model_zoo.MODELS), model_scale,
+                      _split(train_dtypes, "--bench-dtypes", measure.DTYPES))
     config._detr_fast_bench_settings = result
     return result
 
@@ -192,9 +200,10 @@ def _synchronized(fn, device: torch.device):
     return call
 
 
-def _peak_memory(fn, device: torch.device) -> Optional[dict]:
-    """Peak bytes allocated by one call (CUDA only; CPU has no allocator statistics)."""
-    mem = peak_memory(fn, device)
+def _peak_memory(fn, device: torch.device, train: bool = False) -> Optional[dict]:
+    """Peak bytes allocated by one call (CUDA; on CPU for the train stage only, from the profiler's
+    memory events: the CPU allocator keeps no statistics)."""
+    mem = step_peak_memory(fn, device) if train else peak_memory(fn, device)
     if mem is None:
         return None
     return {"peak_memory_bytes": mem["peak_bytes"], "peak_memory_over_inputs_bytes": mem["stage_peak_bytes"]}
@@ -211,7 +220,7 @@ def run_stage(benchmark, request):
             "stage": case.stage, "impl": impl, "device": str(s.device), "device_name": measure.device_name(s.device),
             "dtype": case.dtype, "batch": case.batch, "shape": case.shape, "level": case.level,
             "scale": case.scale, "image_sizes": [list(hw) for hw in case.image_sizes],
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "cpu": measure.cpu_label(),
         })
         if case.stage == measure.MODEL_STAGE:
             benchmark.extra_info["model"] = model_zoo.describe(case.level, case.tiny)
@@ -233,7 +242,7 @@ def run_stage(benchmark, request):
             del out
             for _ in range(s.warmup):
                 fn()
-            memory = _peak_memory(fn, s.device)
+            memory = _peak_memory(fn, s.device, train=case.stage == measure.TRAIN_STAGE)
             if memory:
                 benchmark.extra_info.update(memory)
             benchmark(fn)
@@ -247,7 +256,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     s = settings(config)
     info = {"device": str(s.device), "device_name": measure.device_name(s.device), "torch": torch.__version__,
             "cuda": torch.version.cuda, "scale": s.scale, "light_scale": s.light_scale, "warmup": s.warmup,
-            "model_scale": s.model_scale, "threads": torch.get_num_threads()}
+            "model_scale": s.model_scale, "threads": torch.get_num_threads(), "cpu": measure.cpu_info()}
     try:
         import transformers
         info["transformers"] = transformers.__version__

@@ -8,9 +8,10 @@
 # dependencies; everything runs under $PYTHON (default python3). Steps (default: all four), run in
 # this order whatever order --steps names them in, the quick ones first:
 #   tests     pytest tests/ (the correctness suite, CUDA tests included)         -> tests.log
-#   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json
+#   profile   python -m detr_fast profile --json --trace -> profile.json, profile.txt, trace.json; then
+#             --train, --train --autocast bfloat16, --autocast bfloat16 -> profile_{train,train_bf16,bf16}.*
 #   bench     pytest bench/ --benchmark-only --bench-impls reference,detr_fast  -> bench.json, bench.log
-#             (the stages the issues' GPU targets name first: pos, masks_pos, backbone, joiner, then
+#             (the stages the issues' GPU targets name first: pos, masks_pos, backbone, joiner, train, then
 #             masks, pad, model)
 #   compile   the same with --bench-impls reference,compile (torch.compile of the reference; compiling
 #             ResNet-50 per shape takes minutes, so it is its own step and its own run, with its own
@@ -90,7 +91,7 @@ starts() { wants "$1" && [ -z "$UNUSABLE" ] && [ -z "$STOPPED" ]; }
 # The benchmark files, those behind the issues' GPU targets first (a run cut short keeps them),
 # then any others.
 BENCH_FILES=()
-for stage in pos masks_pos backbone joiner masks pad model; do
+for stage in pos masks_pos backbone joiner train masks pad model; do
     [ -f "bench/test_bench_$stage.py" ] && BENCH_FILES+=("bench/test_bench_$stage.py")
 done
 for f in bench/test_bench_*.py; do
@@ -108,6 +109,14 @@ if starts profile; then
         2>"$OUT/profile.log"
     profile_rc=$?
     cat "$OUT/profile.txt"
+    # Issue 21: the training step (fp32, bf16 autocast) and bf16 autocast inference, each its own report.
+    for variant in "train:--train" "train_bf16:--train --autocast bfloat16" "bf16:--autocast bfloat16"; do
+        name=${variant%%:*}
+        # shellcheck disable=SC2086
+        "$PY" -m detr_fast profile ${variant#*:} --json "$OUT/profile_$name.json" >"$OUT/profile_$name.txt" \
+            2>"$OUT/profile_$name.log" || profile_rc=1
+        cat "$OUT/profile_$name.txt"
+    done
 fi
 
 if starts bench; then

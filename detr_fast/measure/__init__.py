@@ -7,6 +7,7 @@ from .cases import (
     NETWORK_STAGES,
     POS_CHANNELS,
     STAGES,
+    TRAIN_STAGE,
     VARIANTS,
     Case,
     cases,
@@ -25,11 +26,12 @@ from .implementations import (
 )
 from .model_zoo import NotMeasured, Unavailable
 from .stages import Runner, build, device_name
+from .training import autocast_unavailable_reason, cpu_info, cpu_label, train_unavailable_reason
 
 __all__ = [
-    "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "VARIANTS", "Case",
-    "Compiled", "NotMeasured", "Runner", "Unavailable", "build", "cases", "compile_unavailable_reason",
-    "detector_implementation", "detectors", "device_name", "implementation", "make_fast_model", "model_case",
-    "model_cases",
-    "onnxruntime_unavailable_reason", "prediction_errors",
+    "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "TRAIN_STAGE",
+    "VARIANTS", "Case", "Compiled", "NotMeasured", "Runner", "Unavailable", "autocast_unavailable_reason", "build",
+    "cases", "compile_unavailable_reason", "cpu_info", "cpu_label", "detector_implementation", "detectors",
+    "device_name", "implementation", "make_fast_model", "model_case", "model_cases", "onnxruntime_unavailable_reason",
+    "prediction_errors", "train_unavailable_reason",
 ]

@@ -23,7 +23,9 @@ POS_FEATS = 128                # hidden_dim 256 / 2, as DETR and Deformable-DETR
 POS_CHANNELS = 2 * POS_FEATS
 # The whole detector (detr_fast.measure.model_zoo): a benchmark stage of its own, not one of the Joiner's.
 MODEL_STAGE = "model"
-BENCH_STAGES = STAGES + (MODEL_STAGE,)
+# One training step of the Joiner (detr_fast.measure.training): forward + backward, DETR's lr_backbone > 0.
+TRAIN_STAGE = "train"
+BENCH_STAGES = STAGES + (MODEL_STAGE, TRAIN_STAGE)
 DETECTOR_STAGES = ("backbone", "pos", MODEL_STAGE)  # what the profile's --model mode times
 BENCH_MODELS = ("detr", "rtdetr")  # the benchmarks' default detectors (issue 10's DETR, RT-DETR-R50)
 
@@ -139,11 +141,13 @@ def _levels_of(stage: str) -> Tuple[str, ...]:
         return ("images",)
     if stage in LEVEL_STAGES:
         return tuple(f"s{s}" for s in STRIDES) + VARIANTS
-    return VARIANTS
+    return VARIANTS  # backbone, joiner, train
 
 
 def cases(stage: str, scale: float, batches: Sequence[int], dtypes: Sequence[str]) -> List[Case]:
     """Every benchmark case of a stage for the given sizes and dtypes (one level per case)."""
+    if stage == TRAIN_STAGE:
+        return [Case(stage, "layers2-4", dtype, batch, scale) for dtype in dtypes for batch in batches]
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if stage in LEVEL_STAGES:

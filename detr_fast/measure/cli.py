@@ -2,6 +2,7 @@
 import argparse
 import json
 import sys
+from typing import Optional
 
 import torch
 
@@ -14,9 +15,11 @@ from .profile import (
     log,
     run_model_profile,
     run_profile,
+    run_train_profile,
 )
 from .report import format_table
 from .timing import MAX_PAIRS, MIN_STAGE_SECONDS
+from .training import autocast_unavailable_reason, train_unavailable_reason
 
 # ---------------------------------------------------------------- the command line
 
@@ -77,7 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repeat the images this many times (default 1: DETR's two images for the Joiner and "
                              "the DETR family, one 640x640 image for rtdetr and dfine)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="the images' and weights' dtype (default float32)")
+                        help="casts the weights and the images to this dtype (default float32); for mixed precision "
+                             "as users run it (float32 weights, reduced-precision compute) use --autocast")
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="run the Joiner under torch.autocast in this dtype (weights and images stay in --dtype): "
+                             "what AMP training and bf16 CPU inference do; on CPU it needs the hardware (bf16: "
+                             "avx512_bf16/amx_bf16, fp16: avx512_fp16/amx_fp16), a usage error otherwise")
+    parser.add_argument("--train", action="store_true",
+                        help="time one training step of the Joiner (DETR's lr_backbone > 0: layers 2-4 trainable, "
+                             "frozen BN) instead of inference: rows forward, backward and step, gradient errors, "
+                             "peak memory of a step; the Joiner only")
     parser.add_argument("--scale", type=_scale, default=None,
                         help=f"image size factor (default 1.0 on CUDA, {CPU_DEFAULT_SCALE} on CPU for DETR's "
                              "image sizes, 1.0 for rtdetr's and dfine's 640x640)")
@@ -100,16 +112,53 @@ def default_scale(model: str, device: torch.device) -> float:
     return CPU_DEFAULT_SCALE
 
 
+def usage_error(message: str) -> int:
+    print(f"python -m detr_fast profile: error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_precision(args: argparse.Namespace, device: torch.device, model: str) -> Optional[str]:
+    """Why --autocast / --train cannot run as asked on ``device`` (a usage error), or None."""
+    autocast = getattr(args, "autocast", None)
+    train = getattr(args, "train", False)
+    if autocast:
+        if model != model_zoo.JOINER:
+            return "--autocast applies to the Joiner profile (--model joiner) only"
+        reason = autocast_unavailable_reason(device, DTYPES[autocast])
+        if reason:
+            return f"--autocast {autocast} on {device}: {reason}"
+    if train:
+        if model != model_zoo.JOINER:
+            return "--train times the Joiner's training step: use it with --model joiner (the default)"
+        if getattr(args, "trace_path", None):
+            return "--trace is for the inference profile; use torch.profiler around a step for --train"
+        reason = train_unavailable_reason(str(device), args.dtype)
+        if reason:
+            return f"--train --dtype {args.dtype} on {device}: {reason}"
+        if args.dtype != "float32":
+            return (f"--train --dtype {args.dtype}: DETR trains float32 weights (reduced-precision weights lose "
+                    "the SGD/AdamW updates); for mixed precision use --dtype float32 --autocast bfloat16|float16")
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     device = args.device if args.device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
     model = getattr(args, "model", model_zoo.JOINER)
     scale = args.scale if args.scale is not None else default_scale(model, device)
     reps = args.reps if args.reps is not None else (CUDA_DEFAULT_REPS if on_cuda else CPU_DEFAULT_REPS)
-    if model == model_zoo.JOINER:
+    problem = check_precision(args, device, model)
+    if problem:
+        return usage_error(problem)
+    autocast = getattr(args, "autocast", None)
+    if model == model_zoo.JOINER and getattr(args, "train", False):
+        log(f"training step: device {device}, dtype {args.dtype}, autocast {autocast or 'off'}, batch "
+            f"{2 * args.batch} images, scale {scale}, {torch.get_num_threads()} threads")
+        report = run_train_profile(device, args.batch, args.dtype, scale, reps, autocast)
+    elif model == model_zoo.JOINER:
         log(f"device {device}, dtype {args.dtype}, batch {2 * args.batch} images, scale {scale}, "
             f"{torch.get_num_threads()} threads")
-        report = run_profile(device, args.batch, args.dtype, scale, reps, args.trace_path)
+        report = run_profile(device, args.batch, args.dtype, scale, reps, args.trace_path, autocast=autocast)
     else:
         tiny = bool(getattr(args, "tiny", False))
         images = model_zoo.image_sizes(model, scale, args.batch)
@@ -119,8 +168,7 @@ def main(args: argparse.Namespace) -> int:
             report = run_model_profile(model, device, args.batch, args.dtype, scale, reps, args.trace_path,
                                        tiny=tiny)
         except model_zoo.Unavailable as why:
-            print(f"python -m detr_fast profile: error: {why}", file=sys.stderr)
-            return 2
+            return usage_error(str(why))
     print(format_table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:

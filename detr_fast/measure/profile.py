@@ -52,6 +52,7 @@ from .implementations import (
 from .report import ALLOCATOR_VARIABLES, notes
 from .stages import device_name
 from .timing import MIN_STAGE_SECONDS, in_range, interleave, nvtx_range, peak_memory, quantile, ratio_summary
+from .training import PARTS, cpu_info, gradient_error, step_peak_memory, train_step
 
 CPU_DEFAULT_SCALE = 0.5     # a 2-core CPU runs the full size in minutes, not about one
 CPU_DEFAULT_REPS = 12       # the backbone and total take ~1.3 s a pair on 2 cores at scale 0.5
@@ -183,6 +184,7 @@ def _report_header(device: torch.device, dtype: str, images: Sequence[Tuple[int,
         "cpus": os.cpu_count(),
         "load_average": load_average,
         "device_name": device_name(device),
+        "cpu": cpu_info(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": dtype,
@@ -210,20 +212,52 @@ def _run_steps(steps: List[Step], impls: List[Implementation], reps: int, device
     return rows, outputs
 
 
+def run_train_profile(device: torch.device, batch: int, dtype: str, scale: float, reps: int,
+                      autocast: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS) -> Dict:
+    """--train: one training step of the Joiner (detr_fast.measure.training: layers 2-4 trainable,
+    frozen BN), reference and detr_fast in interleaved pairs; rows forward, backward (each step's
+    own parts) and step (the whole step), errors = norm-wise worst relative gradient error."""
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    case = Case("joiner", "layers2-4", dtype, 2 * batch, scale)
+    images = make_images(case, device, DTYPES[dtype])
+    amp = DTYPES[autocast] if autocast else None
+    steps = [train_step(name, "layers2-4", device, amp, dtype) for name in ("reference", "detr_fast")]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    log("step: reference and detr_fast, interleaved (forward + backward)")
+    pairs = interleave(lambda: steps[0](images), lambda: steps[1](images), reps, min_time=min_time, sync=sync)
+    error = gradient_error(pairs.b_out, pairs.a_out)
+    memory = [step_peak_memory(lambda s=s: s(images), device) for s in steps]
+    rows: Dict[str, Dict[str, Any]] = {}
+    n = len(pairs.a_ms)
+    for part in PARTS:
+        rows[part] = dict(stage=f"train_{part}", **ratio_summary(steps[0].parts_ms[part][-n - 1:-1],
+                                                                 steps[1].parts_ms[part][-n - 1:-1]),
+                          same_function=False, max_error=error if part == "backward" else 0.0,
+                          reference_memory=None, detr_fast_memory=None)
+    rows["step"] = dict(stage="train", **ratio_summary(pairs.a_ms, pairs.b_ms), same_function=False,
+                        max_error=error, reference_memory=memory[0], detr_fast_memory=memory[1])
+    report = _report_header(device, dtype, [tuple(img.shape[1:]) for img in images], scale, reps, load_average, None)
+    report.update(model=model_zoo.JOINER, train=True, autocast=autocast, stages=rows)
+    report["notes"] = notes(report)
+    return report
+
+
 def run_profile(device: torch.device, batch: int, dtype: str, scale: float, reps: int,
-                trace_path: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS) -> Dict:
+                trace_path: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS,
+                autocast: Optional[str] = None) -> Dict:
     """The Joiner profile (--model joiner): the backbone stage of Deformable-DETR, stage by stage."""
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch_dtype = DTYPES[dtype]
     case = Case("joiner", "layers2-4", dtype, 2 * batch, scale)
     images = make_images(case, device, torch_dtype)
     reference_model = build_reference_joiner("layers2-4").to(device=device, dtype=torch_dtype)
-    impls = [Reference(reference_model), DetrFast(make_fast_joiner(reference_model, log))]
+    amp = DTYPES[autocast] if autocast else None
+    impls = [Reference(reference_model, amp), DetrFast(make_fast_joiner(reference_model, log), amp)]
     steps = joiner_steps(images, impls[1], device, torch_dtype)
     rows, _ = _run_steps(steps, impls, reps, device, min_time, trace_path)
     report = _report_header(device, dtype, [tuple(img.shape[1:]) for img in images], scale, reps, load_average,
                             trace_path)
-    report.update(model=model_zoo.JOINER, stages=rows)
+    report.update(model=model_zoo.JOINER, autocast=autocast, stages=rows)
     report["notes"] = notes(report)
     return report
 

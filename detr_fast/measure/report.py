@@ -107,6 +107,14 @@ def format_table(report: Dict) -> str:
     lines = [f"device: {report['device']} ({report['device_name']})  threads: {report['threads']}  "
              f"dtype: {report['dtype']}  batch: {report['batch']}  images: {report['image_sizes']}  "
              f"torch {report['torch']}"]
+    cpu = report.get("cpu") or {}
+    lines.append(f"cpu: {cpu.get('model_name')} (vendor {cpu.get('vendor')}, family {cpu.get('family')}, model "
+                 f"{cpu.get('model')}; bf16 hardware: {', '.join(cpu.get('bf16_flags') or []) or 'none'})  "
+                 f"autocast: {report.get('autocast') or 'off'}")
+    if report.get("train"):
+        lines.append("training step (DETR's lr_backbone > 0: layers 2-4 trainable, frozen BN): forward and backward "
+                     "are the parts of each timed step; step = the whole step; max error = norm-wise worst relative "
+                     "gradient error vs the reference; MiB = peak memory of one step (CPU: profiler memory events)")
     if model != model_zoo.JOINER:
         padding = "padded, with a pixel_mask" if report.get("padded") else "unpadded, no pixel_mask"
         lines.append(f"model: {model} = {report.get('model_description', '')}; images {padding}")

@@ -47,10 +47,11 @@ import torch
 from ..nested_tensor import nested_tensor_from_tensor_list
 from ..sine import downsample_mask_reference
 from . import model_zoo
-from .cases import DTYPES, IMPLS, MODEL_STAGE, NETWORK_STAGES, Case, make_images
+from .cases import DTYPES, IMPLS, MODEL_STAGE, NETWORK_STAGES, TRAIN_STAGE, Case, make_images
 from .errors import detector_error, error
 from .implementations import detector_implementation, implementation
 from .model_zoo import Unavailable  # stages.Unavailable is model_zoo's
+from .training import autocast_unavailable_reason, gradient_error, train_step
 
 # ---------------------------------------------------------------- the benchmarks' runners
 
@@ -119,6 +120,19 @@ def _build_model(case: Case, impl: str, device: torch.device) -> Runner:
     return Runner(lambda: fn(inputs), lambda out: detector_error(MODEL_STAGE, out, expected))
 
 
+def _build_train(case: Case, impl: str, device: torch.device) -> Runner:
+    """The train stage: one training step (forward + backward) of the Joiner as DETR trains it
+    (detr_fast.measure.training), reduced precision under autocast; its output is the gradients,
+    its error the norm-wise worst relative gradient error against the float32 reference's."""
+    dtype = DTYPES[case.dtype]
+    autocast = dtype if dtype != torch.float32 else None
+    step = train_step(impl, case.variant, device, autocast)
+    images = make_images(case, device)
+    reference = train_step("reference", case.variant, device)
+    expected = _last_expected(case, device, lambda: {k: g.clone() for k, g in reference(images).items()})
+    return Runner(lambda: step(images), lambda out: gradient_error(out, expected))
+
+
 def build(case: Case, impl: str, device: torch.device) -> Runner:
     """The runner of `impl` for `case` on `device`; raises Unavailable when it cannot run here."""
     if impl not in IMPLS:
@@ -126,10 +140,15 @@ def build(case: Case, impl: str, device: torch.device) -> Runner:
     device = torch.device(device)
     if case.stage == MODEL_STAGE:
         return _build_model(case, impl, device)
+    if case.stage == TRAIN_STAGE:
+        return _build_train(case, impl, device)
     dtype = DTYPES[case.dtype]
     if device.type == "cpu" and dtype == torch.float16 and case.stage in NETWORK_STAGES:
         raise Unavailable("float16 autocast is not supported on CPU by every torch version; use bfloat16")
     autocast = dtype if case.stage in NETWORK_STAGES and dtype != torch.float32 else None
+    reason = autocast_unavailable_reason(device, autocast)
+    if reason:  # never timed as if supported: emulated bf16 on a CPU without it is slower than float32
+        raise Unavailable(reason)
     # no_grad, as DETR evaluates; not inference_mode, whose tensors have no version counters
     # (NestedTensor.image_sizes and cached folded weights rely on them).
     variant = case.variant if case.stage in NETWORK_STAGES else None
