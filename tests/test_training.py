@@ -71,6 +71,45 @@ def _profile(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def _saved_tensors(model, images):
+    """(bytes, shape) of every tensor autograd saves for a training step's backward that is not a
+    parameter of the model, and the gradients."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append((t.numel() * t.element_size(), tuple(t.shape)))
+        return t
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(*model(detr_fast.nested_tensor_from_tensor_list(images)))
+    loss.backward()
+    return saved, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_training_keeps_no_folded_weight_for_the_backward(monkeypatch, autocast):
+    """The fold's training path saves the parameters (alive anyway), not a folded copy of each
+    trainable weight (fold/recomputed.py), and its gradients are the differentiable fold's."""
+    from detr_fast.fold import fused_conv
+
+    converted = detr_fast.convert(upstream_joiner("resnet18", DEFORMABLE_LAYERS, train_backbone=True, seed=1)).train()
+    weight_shapes = {tuple(p.shape) for n, p in converted.named_parameters() if p.requires_grad and p.dim() == 4}
+    images = _images(5)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast is not None):
+        saved, grads = _saved_tensors(converted, images)
+        monkeypatch.setattr(fused_conv, "recomputable", lambda conv, bn: False)  # the plain differentiable fold
+        saved_plain, grads_plain = _saved_tensors(converted, images)
+    assert not [shape for _, shape in saved if shape in weight_shapes]
+    assert [shape for _, shape in saved_plain if shape in weight_shapes]  # what the test would catch
+    assert sum(b for b, _ in saved) < sum(b for b, _ in saved_plain)
+    assert grads.keys() == grads_plain.keys() and len(grads) > 10
+    for name, g in grads.items():
+        want = grads_plain[name]
+        assert (g - want).abs().max() <= 1e-6 * want.abs().max() + 1e-12, name
+
+
 @pytest.mark.parametrize("args", [["--train", "--dtype", "bfloat16"], ["--train", "--model", "detr"],
                                   ["--autocast", "bfloat16", "--model", "detr"]])
 def test_profile_train_usage_errors(args):

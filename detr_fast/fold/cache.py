@@ -87,14 +87,19 @@ def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: torch.dtype,
           memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
     """The folded (weight, bias), computed in at least float32 and rounded once to ``dtype``."""
     scale, shift = bn.scale_and_shift()
-    w = conv.weight
-    compute = torch.promote_types(w.dtype, torch.float32)
+    compute = torch.promote_types(conv.weight.dtype, torch.float32)
     scale = scale.to(compute)
-    weight = w.to(compute) * scale.reshape(-1, 1, 1, 1)
     bias = shift.to(compute)
     if conv.bias is not None:
         bias = bias + conv.bias.to(compute) * scale
-    return weight.to(dtype).contiguous(memory_format=memory_format), bias.to(dtype)
+    return fold_weight(conv.weight, scale, dtype, memory_format), bias.to(dtype)
+
+
+def fold_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
+    """``weight * scale`` per output channel, computed in at least float32 and rounded once to ``dtype``."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    folded = weight.to(compute) * scale.to(compute).reshape(-1, 1, 1, 1)
+    return folded.to(dtype).contiguous(memory_format=memory_format)
 
 
 def folded_weight_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: Optional[torch.dtype] = None,

@@ -27,6 +27,7 @@ from ..dispatch import capturing, compiling, exporting
 from . import onednn
 from .cache import clear_fold_cache, fold_needs_graph, folded_weight_and_bias
 from .frozen_bn import FrozenBatchNorm2d
+from .recomputed import recomputable, recomputed_conv
 
 __all__ = ["clear_fold_cache", "conv_bn", "conv_bn_pieces", "foldable", "folded_weight_and_bias", "memory_format_of"]
 
@@ -116,7 +117,10 @@ def _reference_conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: 
 
 def _unfused(x: Tensor, weight: Tensor, bias: Tensor, conv: nn.Conv2d, relu: bool,
              residual: Optional[Tensor]) -> Tensor:
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _epilogue(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), relu, residual)
+
+
+def _epilogue(y: Tensor, relu: bool, residual: Optional[Tensor]) -> Tensor:
     if residual is not None:
         # In place on the conv's fresh output, as torchvision's blocks do (`out += identity`).
         y += residual
@@ -195,6 +199,10 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, relu: bool = Fals
         # folded weight at every call.
         dtype = amp
     memory_format = _conv_format(x)
+    if fold_needs_graph(conv, bn) and recomputable(conv, bn) and not (compiling() or exporting()):
+        # Training: the folded weight is recomputed in the backward rather than saved (recomputed.py).
+        y = recomputed_conv(x, conv, bn, dtype or conv.weight.dtype, memory_format)
+        return _epilogue(y, relu, residual)
     weight, bias = folded_weight_and_bias(conv, bn, dtype, memory_format)
     needs_graph = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
                                                or (residual is not None and residual.requires_grad))
