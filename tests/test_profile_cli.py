@@ -69,6 +69,18 @@ def test_profile_writes_table_json_and_trace(tmp_path):
             assert f"{impl}/{stage}" in names
 
 
+def test_profile_of_dino_4scale_joiner(tmp_path):
+    """--model dino-4scale: the same stage-by-stage profile of DINO-4scale's Joiner (HW embedding)."""
+    report_path = tmp_path / "report.json"
+    proc = _run(["--device", "cpu", "--model", "dino-4scale", "--scale", "0.08", "--reps", "1",
+                 "--json", str(report_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "dino-4scale" and list(report["stages"]) == list(STAGES)
+    assert "converted" in proc.stderr and "PositionEmbeddingSineHW" in proc.stderr, proc.stderr[-3000:]
+    assert report["stages"]["pos"]["max_error"] <= 2e-5 and report["stages"]["backbone"]["max_error"] <= 1e-3
+
+
 BAD_FLAGS = [
     (["--scale", "0"], "--scale"),
     (["--scale", "nan"], "--scale"),

@@ -62,7 +62,7 @@ def _model(value: str) -> str:
     """A --model name whose model can be built here (a usage error otherwise, with the reason)."""
     if value not in model_zoo.NAMES:
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(model_zoo.NAMES)})")
-    if value != model_zoo.JOINER:
+    if value not in model_zoo.JOINER_VARIANTS:
         reason = model_zoo.unavailable_reason(value)
         if reason:
             raise argparse.ArgumentTypeError(f"{value} cannot run here: {reason}")
@@ -72,7 +72,9 @@ def _model(value: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=_model, default=model_zoo.JOINER, metavar="{" + ",".join(model_zoo.NAMES) + "}",
                         help="what to profile: joiner (default) = the backbone stage alone, stage by stage (pad, "
-                             "backbone, masks, pos, masks_pos, total); a transformers detector built from its "
+                             "backbone, masks, pos, masks_pos, total; Deformable-DETR's layers 2-4); dino-4scale = "
+                             "the same for DINO-4scale's Joiner (PositionEmbeddingSineHW, temperatures 20/20); "
+                             "a transformers detector built from its "
                              "default config with random weights (detr, deformable-detr, rtdetr, dfine; needs the "
                              "'hf' extra) = its backbone, pos (DETR family) and full forward (total)")
     parser.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -107,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_scale(model: str, device: torch.device) -> float:
     """1.0 on CUDA; on CPU, DETR's image sizes are halved (the Joiner and the DETR family), the
     real-time DETRs' 640x640 is kept."""
-    if device.type == "cuda" or (model != model_zoo.JOINER and model_zoo.spec(model).family == "realtime"):
+    if device.type == "cuda" or (model not in model_zoo.JOINER_VARIANTS and model_zoo.spec(model).family == "realtime"):
         return 1.0
     return CPU_DEFAULT_SCALE
 
@@ -122,14 +124,15 @@ def check_precision(args: argparse.Namespace, device: torch.device, model: str) 
     autocast = getattr(args, "autocast", None)
     train = getattr(args, "train", False)
     if autocast:
-        if model != model_zoo.JOINER:
-            return "--autocast applies to the Joiner profile (--model joiner) only"
+        if model not in model_zoo.JOINER_VARIANTS:
+            return f"--autocast applies to the Joiner profiles (--model {'|'.join(model_zoo.JOINER_VARIANTS)}) only"
         reason = autocast_unavailable_reason(device, DTYPES[autocast])
         if reason:
             return f"--autocast {autocast} on {device}: {reason}"
     if train:
-        if model != model_zoo.JOINER:
-            return "--train times the Joiner's training step: use it with --model joiner (the default)"
+        if model not in model_zoo.JOINER_VARIANTS:
+            return ("--train times the Joiner's training step: use it with --model "
+                    f"{'|'.join(model_zoo.JOINER_VARIANTS)} (joiner is the default)")
         if getattr(args, "trace_path", None):
             return "--trace is for the inference profile; use torch.profiler around a step for --train"
         reason = train_unavailable_reason(str(device), args.dtype)
@@ -151,14 +154,16 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         return usage_error(problem)
     autocast = getattr(args, "autocast", None)
-    if model == model_zoo.JOINER and getattr(args, "train", False):
+    variant = model_zoo.JOINER_VARIANTS.get(model)
+    if variant and getattr(args, "train", False):
         log(f"training step: device {device}, dtype {args.dtype}, autocast {autocast or 'off'}, batch "
             f"{2 * args.batch} images, scale {scale}, {torch.get_num_threads()} threads")
-        report = run_train_profile(device, args.batch, args.dtype, scale, reps, autocast)
-    elif model == model_zoo.JOINER:
+        report = run_train_profile(device, args.batch, args.dtype, scale, reps, autocast, variant=variant)
+    elif variant:
         log(f"device {device}, dtype {args.dtype}, batch {2 * args.batch} images, scale {scale}, "
             f"{torch.get_num_threads()} threads")
-        report = run_profile(device, args.batch, args.dtype, scale, reps, args.trace_path, autocast=autocast)
+        report = run_profile(device, args.batch, args.dtype, scale, reps, args.trace_path, autocast=autocast,
+                             variant=variant)
     else:
         tiny = bool(getattr(args, "tiny", False))
         images = model_zoo.image_sizes(model, scale, args.batch)

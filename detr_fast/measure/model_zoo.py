@@ -36,6 +36,10 @@ import torch
 from torch import Tensor, nn
 
 JOINER = "joiner"
+DINO_JOINER = "dino-4scale"
+# The backbone-stage profiles (`profile --model NAME`, stage by stage) and the Joiner each one times
+# (measure/implementations.py builds them): Deformable-DETR's (layers 2-4, the default) and DINO-4scale's.
+JOINER_VARIANTS = {JOINER: "layers2-4", DINO_JOINER: "dino-4scale"}
 DETR_IMAGE_SIZES = ((800, 1066), (750, 1333))  # DETR's pair of images (repeated to a batch)
 REALTIME_IMAGE_SIZES = ((640, 640),)           # the real-time DETRs' input size, batch 1
 ISSUE_10_CPU_SIZES = ((400, 600), (400, 600))  # "two 400x600 images": the CPU target of issue 10
@@ -150,7 +154,7 @@ MODELS: Dict[str, ModelSpec] = {spec.name: spec for spec in (
               "DFineForObjectDetection, tiny (HGNetV2-B0, d_model 64)",
               REALTIME_IMAGE_SIZES, REALTIME_IMAGE_SIZES, needs_timm=False),
 )}
-NAMES = (JOINER,) + tuple(MODELS)  # what `profile --model` accepts; the Joiner is detr_fast.measure.stages'
+NAMES = tuple(JOINER_VARIANTS) + tuple(MODELS)  # what `profile --model` accepts
 
 
 def spec(name: str) -> ModelSpec:

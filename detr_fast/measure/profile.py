@@ -212,16 +212,21 @@ def _run_steps(steps: List[Step], impls: List[Implementation], reps: int, device
     return rows, outputs
 
 
+def _profile_name(variant: str) -> str:
+    return next(name for name, v in model_zoo.JOINER_VARIANTS.items() if v == variant)
+
+
 def run_train_profile(device: torch.device, batch: int, dtype: str, scale: float, reps: int,
-                      autocast: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS) -> Dict:
+                      autocast: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS,
+                      variant: str = "layers2-4") -> Dict:
     """--train: one training step of the Joiner (detr_fast.measure.training: layers 2-4 trainable,
     frozen BN), reference and detr_fast in interleaved pairs; rows forward, backward (each step's
     own parts) and step (the whole step), errors = norm-wise worst relative gradient error."""
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    case = Case("joiner", "layers2-4", dtype, 2 * batch, scale)
+    case = Case("joiner", variant, dtype, 2 * batch, scale)
     images = make_images(case, device, DTYPES[dtype])
     amp = DTYPES[autocast] if autocast else None
-    steps = [train_step(name, "layers2-4", device, amp, dtype) for name in ("reference", "detr_fast")]
+    steps = [train_step(name, variant, device, amp, dtype) for name in ("reference", "detr_fast")]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log("step: reference and detr_fast, interleaved (forward + backward)")
     pairs = interleave(lambda: steps[0](images), lambda: steps[1](images), reps, min_time=min_time, sync=sync)
@@ -237,27 +242,28 @@ def run_train_profile(device: torch.device, batch: int, dtype: str, scale: float
     rows["step"] = dict(stage="train", **ratio_summary(pairs.a_ms, pairs.b_ms), same_function=False,
                         max_error=error, reference_memory=memory[0], detr_fast_memory=memory[1])
     report = _report_header(device, dtype, [tuple(img.shape[1:]) for img in images], scale, reps, load_average, None)
-    report.update(model=model_zoo.JOINER, train=True, autocast=autocast, stages=rows)
+    report.update(model=_profile_name(variant), train=True, autocast=autocast, stages=rows)
     report["notes"] = notes(report)
     return report
 
 
 def run_profile(device: torch.device, batch: int, dtype: str, scale: float, reps: int,
                 trace_path: Optional[str] = None, min_time: float = MIN_STAGE_SECONDS,
-                autocast: Optional[str] = None) -> Dict:
-    """The Joiner profile (--model joiner): the backbone stage of Deformable-DETR, stage by stage."""
+                autocast: Optional[str] = None, variant: str = "layers2-4") -> Dict:
+    """The Joiner profile (--model joiner: the backbone stage of Deformable-DETR; dino-4scale:
+    DINO-4scale's, temperatures 20/20), stage by stage."""
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch_dtype = DTYPES[dtype]
-    case = Case("joiner", "layers2-4", dtype, 2 * batch, scale)
+    case = Case("joiner", variant, dtype, 2 * batch, scale)
     images = make_images(case, device, torch_dtype)
-    reference_model = build_reference_joiner("layers2-4").to(device=device, dtype=torch_dtype)
+    reference_model = build_reference_joiner(variant).to(device=device, dtype=torch_dtype)
     amp = DTYPES[autocast] if autocast else None
     impls = [Reference(reference_model, amp), DetrFast(make_fast_joiner(reference_model, log), amp)]
     steps = joiner_steps(images, impls[1], device, torch_dtype)
     rows, _ = _run_steps(steps, impls, reps, device, min_time, trace_path)
     report = _report_header(device, dtype, [tuple(img.shape[1:]) for img in images], scale, reps, load_average,
                             trace_path)
-    report.update(model=model_zoo.JOINER, autocast=autocast, stages=rows)
+    report.update(model=_profile_name(variant), autocast=autocast, stages=rows)
     report["notes"] = notes(report)
     return report
 

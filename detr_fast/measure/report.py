@@ -44,7 +44,7 @@ def notes(report: Dict) -> List[str]:
                          "2-core VM; more for code that allocates more): compare several runs. With "
                          "memory-keeping settings both run faster, and the speed-up is smaller and stable "
                          "(README, CPU).")
-    if report.get("model", model_zoo.JOINER) != model_zoo.JOINER:
+    if report.get("model", model_zoo.JOINER) not in model_zoo.JOINER_VARIANTS:
         return lines + _model_notes(report)
     masks = rows.get("masks")
     if masks is not None and masks["same_function"]:
@@ -115,7 +115,7 @@ def format_table(report: Dict) -> str:
         lines.append("training step (DETR's lr_backbone > 0: layers 2-4 trainable, frozen BN): forward and backward "
                      "are the parts of each timed step; step = the whole step; max error = norm-wise worst relative "
                      "gradient error vs the reference; MiB = peak memory of one step (CPU: profiler memory events)")
-    if model != model_zoo.JOINER:
+    if model not in model_zoo.JOINER_VARIANTS:
         padding = "padded, with a pixel_mask" if report.get("padded") else "unpadded, no pixel_mask"
         lines.append(f"model: {model} = {report.get('model_description', '')}; images {padding}")
     lines += ["reference and detr_fast run in interleaved pairs, order alternating; ms: each side's median; "
@@ -134,7 +134,7 @@ def format_table(report: Dict) -> str:
     lines += report.get("notes", [])
     lines.append(f"trust: ok = interquartile range of the ratios <= {100 * TRUST_SPREAD:.0f}% of their median over "
                  f">= {2 * MIN_TRUSTED_RATIOS} pairs; NOISY = not; same = the same function on both sides")
-    if model == model_zoo.JOINER:
+    if model in model_zoo.JOINER_VARIANTS:
         lines.append("max error: pad = abs diff + mask mismatches, backbone = max relative error of the features, "
                      "total = that or pos abs (+ mask mismatches), masks = mismatching elements, pos = max abs "
                      "error, masks_pos = pos max abs error + mask mismatches")
