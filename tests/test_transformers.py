@@ -18,6 +18,8 @@ from detr_fast.hf_modules import TransformersSineEmbedding, TransformersSineEmbe
 from tests import hf_models
 from tests.hf_models import BACKBONES, FAMILIES, build, inputs, outputs, transformers
 
+pytestmark = pytest.mark.transformers  # CI runs these again under the declared floor of transformers
+
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
