@@ -45,7 +45,8 @@ def _model_case(model: str, dtype: str = "float32") -> measure.Case:
     return measure.model_case(model, dtype, CPU, scale=0.1, tiny=True)
 
 
-MODEL_CASES = [pytest.param(_model_case(model), impl, id=f"model-{model}-{impl}")
+# Marked `transformers`: CI runs them again under the declared floor of transformers.
+MODEL_CASES = [pytest.param(_model_case(model), impl, id=f"model-{model}-{impl}", marks=pytest.mark.transformers)
                for model in measure.BENCH_MODELS for impl in ("reference", "detr_fast")]
 
 
@@ -85,6 +86,7 @@ def test_error_functions_detect_a_wrong_output():
             runner.error((levels[:1], pos[:1]))
 
 
+@pytest.mark.transformers
 def test_model_stage_cases_and_errors():
     # The model stage's cases: DETR on two 400x600 images on CPU (issue 10), DETR's pair on CUDA,
     # RT-DETR on one 640x640 image; ids and groups name the detector and the padded input.
@@ -329,6 +331,7 @@ def test_ab_alternates_the_order_and_summarises_the_per_pair_ratios():
     assert ab.speedup([2.0, 6.0, 12.0], [1.0, 2.0, 3.0]) == "speed-up median 3.00x (p25 2.00, p75 3.00), pairs 3"
 
 
+@pytest.mark.transformers
 def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the D-FINE A/B needs the 'hf' extra")
     import detr_fast
@@ -346,6 +349,7 @@ def test_compare_pieces_runs_both_sides_and_restores_the_threshold(capsys, monke
     assert "batch 1: concatenated" in capsys.readouterr().out
 
 
+@pytest.mark.transformers
 def test_op_breakdown_runs_on_a_tiny_model(capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the op breakdown needs the 'hf' extra")
     from bench import op_breakdown

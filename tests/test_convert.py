@@ -1,5 +1,7 @@
 """convert(): upstream-built models get detr_fast's stage, same weights, same outputs."""
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -9,7 +11,10 @@ from torchvision.models._utils import IntermediateLayerGetter
 import detr_fast
 from detr_fast import ConversionReport, PositionEmbeddingSine, convert
 from detr_fast.conversion.api import find_stages
+from detr_fast.conversion.transformers import TRANSFORMERS_FLOOR, release
 from detr_fast.fold.folding import count_folded
+from detr_fast.sine.params import SineParams
+from detr_fast.sine.reference import sine_embedding_reference
 from tests.upstream_reference import (
     DEFORMABLE_LAYERS,
     DETR_DETECTION_LAYERS,
@@ -190,3 +195,39 @@ def test_a_model_that_is_a_stage_is_converted_once():
     joiner = upstream_joiner("resnet18", DETR_DETECTION_LAYERS, seed=13)
     assert [path for path, _, _ in find_stages(joiner)] == [""]  # not its backbone a second time
     assert [path for path, _, _ in find_stages(nn.ModuleDict({"backbone": joiner}))] == ["backbone"]
+
+
+class _HubStyleSine(nn.Module):
+    """A sine embedding with transformers' older call convention, forward(pixel_values, pixel_mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding_dim, self.temperature, self.normalize, self.scale = 16, 10000, True, None
+
+    def forward(self, pixel_values, pixel_mask):
+        return sine_embedding_reference(~pixel_mask.bool(), SineParams(16, 10000.0, True))
+
+
+def test_release_reads_the_numbers_a_version_starts_with():
+    assert release("5.17.0") == release("5.17") == release("v5.17.0.dev0") == release("5.17.0rc1") == (5, 17, 0)
+    assert release("5.25.0") > release("5.17.0") > release("5.16.99") > release("4.57.1")
+    assert release("unknown") == ()
+
+
+@pytest.mark.parametrize("version", ["5.16.0", "unknown"])
+def test_a_stage_of_a_transformers_older_than_the_floor_is_left_with_the_reason(monkeypatch, version):
+    # A stand-in transformers (none needs to be installed): the version check goes by the module
+    # that defines the stage's class; the same structure defined elsewhere converts.
+    stand_in = types.ModuleType("transformers")
+    stand_in.__version__ = version
+    monkeypatch.setitem(sys.modules, "transformers", stand_in)
+    theirs = type("DetrSinePositionEmbedding", (_HubStyleSine,), {"__module__": "transformers.models.detr"})
+    model = nn.Sequential(theirs(), _HubStyleSine())
+    with pytest.warns(UserWarning, match=f"0: DetrSinePositionEmbedding comes from transformers {version}, "):
+        report = _convert(model)
+    assert type(model[0]) is theirs and not isinstance(model[1], _HubStyleSine)
+    assert [path for path, _ in report.skipped] == ["0"] and len(report.swapped) == 1
+    assert f"transformers >= {TRANSFORMERS_FLOOR}" in report.skipped[0][1]
+    stand_in.__version__ = TRANSFORMERS_FLOOR
+    _convert(model)
+    assert not isinstance(model[0], theirs)

@@ -1,9 +1,11 @@
-"""Packaging: kernels/ installs as detr_fast.kernels and never as a top-level `kernels`; the CLI runs.
+"""Packaging: kernels/ installs as detr_fast.kernels and never as a top-level `kernels`; the CLI runs;
+setup.py declares the transformers floor that convert() knows.
 
 The subprocesses run with their working directory outside the repository, so that the current
 directory on sys.path cannot make the repository's folders importable by accident: what they see
 is what an installed detr_fast provides.
 """
+import ast
 import json
 import os
 import subprocess
@@ -103,3 +105,20 @@ def test_cli_without_a_known_command_fails(args, capsys):
         main(args)
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err.lower()
+
+
+def _extras_list(name: str):
+    """A list of requirements assigned to ``name`` at the top of setup.py (setup.py is not importable)."""
+    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py assigns no {name}")
+
+
+def test_setup_declares_the_transformers_floor_convert_knows():
+    from detr_fast.conversion.transformers import TRANSFORMERS_FLOOR
+    requirements = [r.replace(" ", "") for r in _extras_list("HF") if r.startswith("transformers")]
+    assert requirements == [f"transformers>={TRANSFORMERS_FLOOR}"]
+    # CI's second run installs exactly that release, read from the same constant.
+    assert "TRANSFORMERS_FLOOR" in (REPO / ".ci" / "run").read_text(encoding="utf-8")

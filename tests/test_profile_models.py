@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the whole-detector profile needs the 'hf' extra (transformers)")
 pytest.importorskip("timm", reason="the DETR family's default backbone needs the 'hf' extra (timm)")
+pytestmark = pytest.mark.transformers  # CI runs these again under the declared floor of transformers
 
 import detr_fast  # noqa: E402
 from detr_fast import measure  # noqa: E402

@@ -179,3 +179,32 @@ def test_a_hook_replacing_the_backbone_output_is_honoured():
         _, got = converted(detr_fast.nested_tensor_from_tensor_list(images))
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 1e-5
+
+
+_NEEDS_TRANSFORMERS = ('importorskip("transformers"', "hf_models", "build_realtime", "model_zoo.build")
+
+
+def _marked_transformers(node: ast.AST) -> bool:
+    return "pytest.mark.transformers" in ast.unparse(node)
+
+
+def test_tests_that_need_transformers_are_marked():
+    """CI runs `pytest -m transformers` under the declared floor of transformers: every test that
+    needs transformers carries the marker (its module's pytestmark or its own decorator)."""
+    unmarked = []
+    here = pathlib.Path(__file__)
+    for path in sorted(p for p in here.parent.glob("test_*.py") if p.name != here.name):
+        tree = ast.parse(path.read_text())
+        module_marked = any(isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == ["pytestmark"]
+                            and _marked_transformers(n.value) for n in tree.body)
+        if module_marked:
+            continue
+        top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        if any(s in ast.unparse(n) for n in top_level for s in _NEEDS_TRANSFORMERS):
+            unmarked.append(path.name)  # imported at the top: the whole module needs transformers
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_") \
+                    and any(s in ast.unparse(fn) for s in _NEEDS_TRANSFORMERS) \
+                    and not any(_marked_transformers(d) for d in fn.decorator_list):
+                unmarked.append(f"{path.name}::{fn.name}")
+    assert not unmarked, unmarked

@@ -14,9 +14,14 @@ import torch
 from torch import nn
 
 import detr_fast
-from detr_fast.conversion.transformers_modules import TransformersSineEmbedding, TransformersSineEmbeddingLegacy
+from detr_fast.conversion.transformers_modules import (
+    TransformersSineEmbedding,
+    TransformersSineEmbeddingLegacy,
+)
 from tests import hf_models
 from tests.hf_models import BACKBONES, FAMILIES, build, inputs, outputs, transformers
+
+pytestmark = pytest.mark.transformers  # CI runs these again under the declared floor of transformers
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

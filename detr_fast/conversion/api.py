@@ -55,6 +55,10 @@ def find_stages(model: nn.Module) -> List[Tuple[str, nn.Module, StageKind]]:
 def _convert_stage(model: nn.Module, path: str, stage: nn.Module, kind: StageKind, report: ConversionReport,
                    done: List[Undo]) -> None:
     where = join_path(path)
+    why = kind.unsupported(stage)
+    if why is not None:
+        report.skipped.append((where, f"{why}; left as it is"))
+        return
     args = kind.probe_args(stage)
     try:
         expected = run_probe(stage, args)

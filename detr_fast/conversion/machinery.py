@@ -83,14 +83,21 @@ class LeaveAsIs(Exception):
     """Raised by a StageKind's convert: undo what it did to the stage, and report this reason."""
 
 
+def _supported(module: nn.Module) -> Optional[str]:
+    return None
+
+
 @dataclass(frozen=True)
 class StageKind:
     """One kind of stage of one family: ``matches(module)`` by structure, ``probe_args(module)``
-    the inputs of a probe call, ``convert(module, path, undo, report)`` in place."""
+    the inputs of a probe call, ``convert(module, path, undo, report)`` in place.
+    ``unsupported(module)``: why this stage is not converted at all (e.g. a version of its library
+    older than detr_fast knows), or None; checked before anything runs or changes."""
     name: str
     matches: Callable[[nn.Module], bool]
     probe_args: Callable[[nn.Module], Tuple]
     convert: Callable[[nn.Module, str, "Undo", ConversionReport], None]
+    unsupported: Callable[[nn.Module], Optional[str]] = _supported
 
 
 def join_path(*parts: str) -> str:

@@ -17,9 +17,15 @@ Recognised by structure and by probing what a module computes, never by class na
   of the frequencies; DAB-DETR's two temperatures, equal or not) that reproduces it bit for bit in
   float32 replaces it. Learned embeddings
   and RT-DETR's mask-free, already cached embedding are left alone.
+
+A stage whose class comes from a transformers older than TRANSFORMERS_FLOOR (the oldest release
+the tests run on; setup.py's 'hf' extra declares the same floor) is left as it was, with the
+reason in the report and a warning: detr_fast does not know what such a version computes.
 """
 import inspect
 import math
+import re
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -42,6 +48,43 @@ from .transformers_modules import FAST_CONV_ENCODER, TransformersSineEmbedding, 
 
 _FEATURE_NAMES = ("num_position_features", "num_pos_feats", "embedding_dim")
 _SIMPLE = (int, float, bool, str, type(None))
+
+# The oldest transformers release detr_fast converts (and CI tests): the one source of this number.
+# setup.py's 'hf' extra declares it too (tests/test_packaging.py checks that they agree)
+# and .ci/run installs exactly this release for its second run of the transformers tests.
+TRANSFORMERS_FLOOR = "5.17.0"
+
+
+def release(version: str) -> Tuple[int, ...]:
+    """The release numbers a version string starts with: "5.17.0.dev0" -> (5, 17, 0), padded to
+    three numbers; () where it starts with none."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(version))
+    if not match:
+        return ()
+    numbers = tuple(int(n) for n in match.group(1).split("."))
+    return numbers + (0,) * (3 - len(numbers))
+
+
+def _transformers_version(module: nn.Module) -> Optional[str]:
+    """The installed transformers' version where ``module``'s class (or a class it derives from,
+    as detr_fast's swapped classes do) is defined in transformers, else None."""
+    if not any(c.__module__.split(".")[0] == "transformers" for c in type(module).__mro__):
+        return None
+    library = sys.modules.get("transformers")
+    return str(getattr(library, "__version__", "unknown"))
+
+
+def unsupported_version(module: nn.Module) -> Optional[str]:
+    """Why ``module`` is not converted because of its transformers version, or None."""
+    version = _transformers_version(module)
+    if version is None:
+        return None
+    installed = release(version)
+    if installed and installed >= release(TRANSFORMERS_FLOOR):
+        return None
+    what = f"older than {TRANSFORMERS_FLOOR}" if installed else "a version detr_fast cannot read"
+    return (f"{type(module).__name__} comes from transformers {version}, {what}; detr_fast converts transformers "
+            f">= {TRANSFORMERS_FLOOR} (pip install 'transformers>={TRANSFORMERS_FLOOR}')")
 
 
 def _forward_parameters(module: nn.Module) -> List[str]:
@@ -173,6 +216,8 @@ def convert_sine_embedding(module: nn.Module, path: str, undo: Undo, report: Con
 
 
 KINDS = (
-    StageKind("transformers conv encoder", is_conv_encoder, _encoder_probe_args, convert_conv_encoder),
-    StageKind("transformers sine embedding", is_sine_embedding, _sine_probe_args, convert_sine_embedding),
+    StageKind("transformers conv encoder", is_conv_encoder, _encoder_probe_args, convert_conv_encoder,
+              unsupported_version),
+    StageKind("transformers sine embedding", is_sine_embedding, _sine_probe_args, convert_sine_embedding,
+              unsupported_version),
 )
