@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from detr_fast.kernels.sine_embedding import (_sine_general_kernel, _sine_rect_kernel, choose_tiles,
                                               extent_constants)
 
-pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "sizes_ptr": "*i64",
+pointers = {"pos_ptr": "*fp32", "mask_ptr": "*i8", "dim_t_ptr": "*fp32", "dim_t_x_ptr": "*fp32", "sizes_ptr": "*i64",
             "ycum_ptr": "*fp32", "xcum_ptr": "*fp32"}
 floats = ("scale_h", "scale_w", "offset", "eps", "scale")
 

@@ -77,7 +77,8 @@ def test_profile_of_dino_4scale_joiner(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["model"] == "dino-4scale" and list(report["stages"]) == list(STAGES)
-    assert "converted" in proc.stderr and "PositionEmbeddingSineHW" in proc.stderr, proc.stderr[-3000:]
+    # Both sides hold detr_fast's DINO classes (the reference on the reference path); convert() folds.
+    assert "53 conv+BN pairs folded" in proc.stderr, proc.stderr[-3000:]
     assert report["stages"]["pos"]["max_error"] <= 2e-5 and report["stages"]["backbone"]["max_error"] <= 1e-3
 
 
