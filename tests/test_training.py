@@ -123,3 +123,14 @@ def test_profile_autocast_float16_on_a_cpu_without_it_is_a_usage_error():
         pytest.skip("this CPU has float16 hardware")
     result = _profile("--autocast", "float16")
     assert result.returncode == 2 and "float16" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("variant", ["layers2-4", "dino-4scale"])
+def test_training_joiners_train_layers_2_to_4_of_their_variant(variant):
+    from detr_fast.measure.training import build_train_joiner
+
+    joiner = build_train_joiner(variant)
+    trainable = {name.split(".")[2] for name, p in joiner.named_parameters() if p.requires_grad}
+    assert joiner.training and trainable == {"layer2", "layer3", "layer4"}
+    assert isinstance(joiner[1], detr_fast.PositionEmbeddingSineHW) == (variant == "dino-4scale")
+    assert len(joiner[0].body.return_layers) == 3

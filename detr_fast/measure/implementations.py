@@ -33,19 +33,21 @@ from .model_zoo import NotMeasured, Unavailable, randomize_frozen_bn  # stages.U
 
 # ---------------------------------------------------------------- models
 
-def build_reference_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
+def build_reference_joiner(variant: str = "layers2-4", seed: int = 0, train_backbone: bool = False
+                           ) -> Joiner:
     """A ResNet-50 Joiner with the sine embedding (128 features per axis, normalized) on the
-    reference path, with random, non-identity weights and frozen BN statistics."""
+    reference path, with random, non-identity weights and frozen BN statistics; ``train_backbone``:
+    layers 2-4 trainable, as DETR and DINO train (lr_backbone > 0)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     torch.manual_seed(seed)
     if variant == "dino-4scale":  # DINO's layout: layers 2-4, temperatures 20/20, pos cast to the features' dtype
-        backbone = dino.Backbone("resnet50", False, False, [1, 2, 3], pretrained=False)
+        backbone = dino.Backbone("resnet50", train_backbone, False, [1, 2, 3], pretrained=False)
         randomize_frozen_bn(backbone, torch.Generator().manual_seed(seed))
         embedding = PositionEmbeddingSineHW(POS_FEATS, 20, 20, normalize=True)
         embedding.backend = "torch"
         return dino.Joiner(backbone, embedding).eval()
-    backbone = Backbone("resnet50", False, variant == "layers2-4", False, pretrained=False)
+    backbone = Backbone("resnet50", train_backbone, variant == "layers2-4", False, pretrained=False)
     randomize_frozen_bn(backbone, torch.Generator().manual_seed(seed))
     return Joiner(backbone, PositionEmbeddingSine(POS_FEATS, normalize=True, backend="torch")).eval()
 

@@ -23,12 +23,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..backbone import Backbone, Joiner
+from ..backbone import Joiner
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
-from ..sine import PositionEmbeddingSine, pad_images_reference
-from .cases import POS_FEATS, VARIANTS
-from .implementations import compile_unavailable_reason, make_fast_joiner
-from .model_zoo import Unavailable, randomize_frozen_bn
+from ..sine import pad_images_reference
+from .implementations import build_reference_joiner, compile_unavailable_reason, make_fast_joiner
+from .model_zoo import Unavailable
 from .timing import peak_memory
 
 TRAIN_STAGE = "train"
@@ -140,12 +139,7 @@ def train_unavailable_reason(device: str, dtype: str) -> Optional[str]:
 def build_train_joiner(variant: str = "layers2-4", seed: int = 0) -> Joiner:
     """The reference Joiner as DETR trains it (lr_backbone > 0): layers 2-4 trainable, the stem and
     layer1 frozen, frozen BN with random non-identity statistics; in train mode."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    torch.manual_seed(seed)
-    backbone = Backbone("resnet50", True, variant == "layers2-4", False, pretrained=False)
-    randomize_frozen_bn(backbone, torch.Generator().manual_seed(seed))
-    return Joiner(backbone, PositionEmbeddingSine(POS_FEATS, normalize=True, backend="torch")).train()
+    return build_reference_joiner(variant, seed, train_backbone=True).train()
 
 
 @functools.lru_cache(maxsize=None)
