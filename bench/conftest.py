@@ -12,7 +12,7 @@ measure.model_case). Each test module sets STAGE; every test is parametrized by 
 (level, dtype, batch, shape) and by the implementation, and its rows of a stage, level, dtype and
 shape share a benchmark group, so the comparison table lines reference, detr_fast, compile and
 onnxruntime up. What each row runs is defined once, in detr_fast.measure.stages (shared with
-`python -m detr_fast profile` and tests/test_bench_smoke.py).
+`python -m detr_fast profile` and tests/measure/test_bench_smoke.py).
 """
 import signal
 import threading

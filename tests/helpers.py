@@ -8,7 +8,7 @@ global torch RNG seeded from it, so draws without a generator are reproducible t
 seed comes from the environment variable ``DETR_FAST_TEST_SEED``:
 
 - unset or empty: ``DEFAULT_SEED``, a fixed integer (runs are reproducible by default);
-- an integer: that seed, e.g. ``DETR_FAST_TEST_SEED=1234 pytest tests/test_sine_kernel.py``;
+- an integer: that seed, e.g. ``DETR_FAST_TEST_SEED=1234 pytest tests/sine/test_sine_kernel.py``;
 - ``random``: a fresh seed for the session, drawn from the operating system.
 
 The session seed is printed in pytest's header; the failure messages of random tests name both
@@ -31,6 +31,8 @@ import torch
 
 # ---------------------------------------------------------------- kernel devices
 
+# The repository's root (tests/ sits in it), for the tests that run its scripts or read its files.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 

@@ -193,7 +193,7 @@ def test_tests_that_need_transformers_are_marked():
     needs transformers carries the marker (its module's pytestmark or its own decorator)."""
     unmarked = []
     here = pathlib.Path(__file__)
-    for path in sorted(p for p in here.parent.glob("test_*.py") if p.name != here.name):
+    for path in sorted(p for p in here.parent.rglob("test_*.py") if p.name != here.name):
         tree = ast.parse(path.read_text())
         module_marked = any(isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == ["pytestmark"]
                             and _marked_transformers(n.value) for n in tree.body)

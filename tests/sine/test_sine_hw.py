@@ -38,7 +38,7 @@ from tests.sine_hw_reference import DinoPositionEmbeddingSineHW, dino_sine_hw_fl
 DEVICES = kernel_devices()
 needs_kernels = pytest.mark.skipif(not DEVICES, reason="no device can run the Triton kernels here")
 
-FP32_ATOL = 2e-5  # the kernels' contract against the float32 reference (tests/test_sine_kernel.py)
+FP32_ATOL = 2e-5  # the kernels' contract against the float32 reference (tests/sine/test_sine_kernel.py)
 
 # (num_pos_feats, temperature H, temperature W, normalize, scale)
 HW_PARAMS = [

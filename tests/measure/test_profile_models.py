@@ -19,8 +19,9 @@ import detr_fast  # noqa: E402
 from detr_fast import measure  # noqa: E402
 from detr_fast.measure import model_zoo, profile  # noqa: E402
 from detr_fast.measure import report as table_report  # noqa: E402
+from tests.helpers import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 CPU = torch.device("cpu")
 SCALE = 0.1  # DETR's pair becomes 80x107 and 75x133, the real-time DETRs' image 64x64
 MODELS = list(model_zoo.MODELS)

@@ -12,8 +12,9 @@ from detr_fast import __main__ as cli
 from detr_fast.measure import profile, timing
 from detr_fast.measure import report as table_report
 from detr_fast.measure.profile import STAGES
+from tests.helpers import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _run(args, tmp_path):

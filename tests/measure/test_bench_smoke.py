@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from detr_fast import dispatch, measure
+from tests.helpers import REPO_ROOT  # noqa: E402
 
 SCALE = 0.05  # DETR's pair becomes 40x53 and 38x67
 CPU = torch.device("cpu")
@@ -361,7 +362,7 @@ def test_op_breakdown_runs_on_a_tiny_model(capsys, monkeypatch):
     assert "mkldnn::_convolution_pointwise" in out and "% of the backbone stage" in out
 
 
-RUN_GPU = Path(__file__).resolve().parent.parent / "bench" / "run_gpu.sh"
+RUN_GPU = Path(REPO_ROOT) / "bench" / "run_gpu.sh"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bench/run_gpu.sh is a bash script")

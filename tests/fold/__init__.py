@@ -1,0 +1,1 @@
+"""Tests of detr_fast/fold/: frozen BN, the fold, the fused convolutions."""
