@@ -109,8 +109,10 @@ if starts profile; then
         2>"$OUT/profile.log"
     profile_rc=$?
     cat "$OUT/profile.txt"
-    # Issue 21: the training step (fp32, bf16 autocast) and bf16 autocast inference, each its own report.
-    for variant in "train:--train" "train_bf16:--train --autocast bfloat16" "bf16:--autocast bfloat16"; do
+    # Issue 21: the training step (fp32, bf16 autocast) and bf16 autocast inference; issue 20: DINO-4scale's
+    # Joiner. Each its own report.
+    for variant in "train:--train" "train_bf16:--train --autocast bfloat16" "bf16:--autocast bfloat16" \
+                   "dino:--model dino-4scale"; do
         name=${variant%%:*}
         # shellcheck disable=SC2086
         "$PY" -m detr_fast profile ${variant#*:} --json "$OUT/profile_$name.json" >"$OUT/profile_$name.txt" \
