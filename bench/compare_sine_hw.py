@@ -1,4 +1,4 @@
-"""detr_fast's PositionEmbeddingSineHW against DINO's (tests/sine_hw_reference.py's stand-in) on CPU,
+"""detr_fast's PositionEmbeddingSineHW against DINO's (tests/dino_reference.py's stand-in) on CPU,
 interleaved (issue 20's target: >= 3x on the fallback at DETR's sizes).
 
 Two images of 800x1066 and 750x1333 padded to 800x1333, F = 128 (DINO's hidden 256), temperatures
@@ -20,7 +20,7 @@ from bench.ab import alternate, speedup
 from detr_fast import NestedTensor, PositionEmbeddingSineHW, nested_tensor_from_tensor_list
 from detr_fast.sine.reference import downsample_mask_reference
 from detr_fast.sine.separable import level_sizes
-from tests.sine_hw_reference import DinoPositionEmbeddingSineHW
+from tests.dino_reference import PositionEmbeddingSineHW as DinoPositionEmbeddingSineHW
 
 IMAGE_SIZES = [(800, 1066), (750, 1333)]
 STRIDE_SETS = {"stride 32": [32], "strides 8/16/32": [8, 16, 32]}

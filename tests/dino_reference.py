@@ -4,11 +4,14 @@ DINO share it), for tests only.
 Written here from the description of that code, independently of detr_fast (nothing here imports
 it): its own NestedTensor and FrozenBatchNorm2d, a BackboneBase that picks layers with
 ``return_interm_indices``, a Joiner that casts each level's pos to the feature dtype, and
-PositionEmbeddingSineHW with separate height and width temperatures, computed in float32.
+PositionEmbeddingSineHW with separate height and width temperatures, computed in float32; and
+``dino_sine_hw_float64``, that embedding's formula element by element in float64 NumPy (no torch op
+shared with the float32 paths), for the accuracy tests.
 """
 import math
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -219,3 +222,32 @@ class TinyNonResNet(nn.Module):
             mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out[str(i + 1)] = DinoNestedTensor(x, mask)
         return out
+
+
+def dino_sine_hw_float64(mask: Tensor, num_pos_feats: int, temperature_h: float, temperature_w: float,
+                         normalize: bool = False, scale: Optional[float] = None) -> np.ndarray:
+    """B x 2F x H x W float64 array of DINO's formula for a B x H x W bool mask (True = padding).
+
+    Channel c < F: the row position p_y(b, i, j) = number of valid pixels in column j up to row i
+    (divided by the column's valid count + 1e-6 and times ``scale`` with normalize), then
+    sin(p_y / Th ** (2 * (c // 2) / F)) for even c and cos for odd c. Channel F + c: the same with
+    the column position along row i and Tw.
+    """
+    scale = 2 * math.pi if scale is None else scale
+    valid = ~np.asarray(mask.cpu(), dtype=bool)
+    batch, height, width = valid.shape
+    f = num_pos_feats
+    out = np.zeros((batch, 2 * f, height, width), dtype=np.float64)
+    for b in range(batch):
+        for i in range(height):
+            for j in range(width):
+                p_y = float(valid[b, : i + 1, j].sum())
+                p_x = float(valid[b, i, : j + 1].sum())
+                if normalize:
+                    p_y = p_y / (float(valid[b, :, j].sum()) + 1e-6) * scale
+                    p_x = p_x / (float(valid[b, i, :].sum()) + 1e-6) * scale
+                for c in range(f):
+                    wave = math.sin if c % 2 == 0 else math.cos
+                    out[b, c, i, j] = wave(p_y / temperature_h ** (2 * (c // 2) / f))
+                    out[b, f + c, i, j] = wave(p_x / temperature_w ** (2 * (c // 2) / f))
+    return out

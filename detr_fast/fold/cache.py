@@ -86,13 +86,20 @@ def _stamp(tensors: List[Tensor]) -> Optional[Tuple]:
 def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: torch.dtype,
           memory_format: torch.memory_format) -> Tuple[Tensor, Tensor]:
     """The folded (weight, bias), computed in at least float32 and rounded once to ``dtype``."""
+    scale, bias = fold_scale_and_bias(conv, bn)
+    return fold_weight(conv.weight, scale, dtype, memory_format), bias.to(dtype)
+
+
+def fold_scale_and_bias(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """The per-channel scale the conv weight is multiplied by, and the folded bias
+    (shift + conv.bias * scale), both in at least float32 (differentiable)."""
     scale, shift = bn.scale_and_shift()
     compute = torch.promote_types(conv.weight.dtype, torch.float32)
     scale = scale.to(compute)
     bias = shift.to(compute)
     if conv.bias is not None:
         bias = bias + conv.bias.to(compute) * scale
-    return fold_weight(conv.weight, scale, dtype, memory_format), bias.to(dtype)
+    return scale, bias
 
 
 def fold_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:

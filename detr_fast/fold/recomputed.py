@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .cache import fold_weight
+from .cache import fold_scale_and_bias, fold_weight
 from .frozen_bn import FrozenBatchNorm2d
 
 
@@ -33,12 +33,7 @@ def recomputed_conv(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d, dtype: to
 
     The folded bias (C values) stays an ordinary differentiable expression: it is small, and a conv
     bias (when there is one) gets its gradient through it."""
-    scale, shift = bn.scale_and_shift()
-    compute = torch.promote_types(conv.weight.dtype, torch.float32)
-    scale = scale.to(compute)
-    bias = shift.to(compute)
-    if conv.bias is not None:
-        bias = bias + conv.bias.to(compute) * scale
+    scale, bias = fold_scale_and_bias(conv, bn)
     geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
     return _RecomputedFoldConv.apply(x, conv.weight, scale, bias.to(dtype), geometry, dtype, memory_format)
 

@@ -2,7 +2,7 @@
 reference, the separable fallback, both Triton kernels (interpreted on CPU), the custom op, the
 module, sine_position_embedding and the Joiner.
 
-Oracles: hand-computed values (math.sin/math.cos), and tests/sine_hw_reference.py's float64
+Oracles: hand-computed values (math.sin/math.cos), and tests/dino_reference.py's float64
 element-by-element formula and float32 stand-in of DINO's module (no detr_fast code in either).
 """
 import math
@@ -32,8 +32,9 @@ from detr_fast.sine.reference import (
     sine_embedding_reference,
 )
 from detr_fast.sine.separable import sine_embedding_separable
+from tests.dino_reference import PositionEmbeddingSineHW as DinoPositionEmbeddingSineHW
+from tests.dino_reference import dino_sine_hw_float64
 from tests.helpers import kernel_devices, random_sizes, rect_mask
-from tests.sine_hw_reference import DinoPositionEmbeddingSineHW, dino_sine_hw_float64
 
 DEVICES = kernel_devices()
 needs_kernels = pytest.mark.skipif(not DEVICES, reason="no device can run the Triton kernels here")
