@@ -11,7 +11,7 @@ hence the copy rather than a package_dir mapping.)
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -26,7 +26,7 @@ class BuildPyWithKernels(build_py):
             self.copy_file(source, os.path.join(target, os.path.basename(source)))
 
 
-# transformers' floor is detr_fast.convert_transformers.TRANSFORMERS_FLOOR (convert() leaves the stages of an
+# transformers' floor is detr_fast.conversion.transformers.TRANSFORMERS_FLOOR (convert() leaves the stages of an
 # older release alone); tests/test_packaging.py checks that this line says the same, and CI tests that release.
 HF = ["transformers>=5.17.0", "timm>=1.0"]
 ONNX = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"]
@@ -38,7 +38,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["detr_fast", "detr_fast.kernels"],
+    # Every package under detr_fast/ (sine, fold, conversion, measure, kernels, ...), found rather than listed.
+    packages=find_packages(include=["detr_fast", "detr_fast.*"]),
     cmdclass={"build_py": BuildPyWithKernels},
     install_requires=["torch>=2.1", "torchvision>=0.16", "triton>=2.1"],
     extras_require={

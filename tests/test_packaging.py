@@ -48,6 +48,9 @@ def test_build_puts_kernels_under_detr_fast_only(tmp_path):
     # build_py lays out the files exactly as a wheel would install them (and writes only to tmp_path).
     result = _run(["setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO)
     assert result.returncode == 0, result.stderr
+    # Every module of the package is in the build (an explicit package list once left folders out).
+    for source in (REPO / "detr_fast").rglob("*.py"):
+        assert (tmp_path / source.relative_to(REPO)).is_file(), source.relative_to(REPO)
     assert (tmp_path / "detr_fast" / "kernels" / "__init__.py").is_file()
     assert not (tmp_path / "kernels").exists()
     for source in (REPO / "kernels").glob("*.py"):
