@@ -92,7 +92,7 @@ def trusted_image_sizes(tensor_list: Any) -> Optional[Tensor]:
         return None  # a duck-typed NestedTensor (e.g. the upstream class) carries no sizes
     if compiling():
         # Dynamo cannot follow the mask's version counter; a compiled model trusts the sizes
-        # nested_tensor_from_tensor_list recorded (documented in the README).
+        # nested_tensor_from_tensor_list recorded (documented in docs/api.md).
         return tensor_list.image_sizes
     return tensor_list.rectangular_sizes()
 
@@ -138,7 +138,7 @@ def _mask_stamp(t: Tensor) -> List[int]:
     if compiling():
         return []
     # Inference tensors keep no version counter: under torch.inference_mode an in-place edit of
-    # the mask after padding cannot be detected (documented in the README).
+    # the mask after padding cannot be detected (documented in docs/api.md).
     version = 0 if t.is_inference() else int(t._version)
     return [version, int(t.data_ptr())] + list(t.shape) + list(t.stride())
 

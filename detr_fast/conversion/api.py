@@ -1,8 +1,8 @@
 """convert(model): put detr_fast's backbone stage into an existing model, in place.
 
 One mechanism serves every family: walk the model, recognise each stage by structure (the
-StageKinds of convert_upstream.py — facebookresearch's DETR and Deformable-DETR — and of
-convert_transformers.py — transformers' DETR family and real-time DETRs), run it on a small probe
+StageKinds of upstream.py — facebookresearch's DETR, Deformable-DETR and IDEA-Research's DINO
+family — and of transformers.py — transformers' DETR family and real-time DETRs), run it on a small probe
 input, convert it (swap classes and modules, fold the frozen BN; every change recorded), run the
 probe again and undo every change to that stage, with a warning, if its outputs changed.
 Whatever cannot be converted is left as it was, with the reason in the report and a warning.

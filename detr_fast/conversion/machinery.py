@@ -1,8 +1,8 @@
 """The machinery convert() uses for every model family: the report, undo, probes, frozen BN swaps.
 
-A family is a list of StageKinds (convert_upstream.py, convert_transformers.py): how to recognise
-one of its stages by structure, what input to probe it with, and how to convert it in place
-(recording every change on an Undo). convert.py runs them all the same way.
+A family is a list of StageKinds (upstream.py, transformers.py): how to recognise one of its
+stages by structure, what input to probe it with, and how to convert it in place (recording every
+change on an Undo). api.py runs them all the same way.
 """
 import math
 from dataclasses import dataclass, field

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import check_backend
-from ..fold import bn_dtype, memory_format_of, register_variant, restore_layout
+from ..fold import bn_dtype, enter_layout, memory_format_of, register_variant, restore_layout
 from ..sine import POS_DTYPES, SineParams, compute_levels, sine_embedding_reference
 
 
@@ -80,8 +80,7 @@ class TransformersSineEmbeddingLegacy(_SineModule):
 
 def fast_conv_encoder_forward(self: nn.Module, pixel_values: Tensor, pixel_mask: Tensor) -> List[Tuple[Tensor, Tensor]]:
     like = memory_format_of(pixel_values)
-    body_input = pixel_values.contiguous(memory_format=torch.channels_last) if pixel_values.dim() == 4 \
-        else pixel_values
+    body_input = enter_layout(self.model, pixel_values, channels_last=True)  # NCHW while training
     features = self.model(body_input)
     if not isinstance(features, (list, tuple)):
         features = features.feature_maps  # transformers' BackboneOutput

@@ -5,13 +5,14 @@ the one folding formula, owned by FrozenBatchNorm2d — computed in at least flo
 once to the dtype the convolution runs in.
 
 - When autograd needs them (grad enabled and the conv's or BN's tensors require grad) the fold is
-  recomputed differentiably at every call, so training updates w and gradients match the reference;
-  under torch.compile it is traced into the graph.
+  computed from the parameters at every call, so training updates w and gradients match the
+  reference: by recomputed.py for a trainable conv (the folded weight is rebuilt in the backward,
+  not kept), differentiably here otherwise; under torch.compile it is traced into the graph.
 - Otherwise they are cached on the conv module as a plain attribute (never a parameter or buffer,
   so the state_dict is untouched), keyed on the identity, storage pointer and version counter of
   every source tensor. load_state_dict, optimizer steps, .to() and any in-place edit change one of
   those, so the cache is rebuilt instead of going stale. Writes through ``tensor.data`` bypass the
-  version counter: call clear_fold_cache() after them (the README says so). Copies and pickles of
+  version counter: call clear_fold_cache() after them (docs/folding.md says so). Copies and pickles of
   the module drop the cache (it is rebuilt on the next call).
 - Never cached while a CUDA graph is being captured: captured kernels run only when the graph
   replays, so a fold cached then would hold values never computed outside the graph. The fold is

@@ -8,8 +8,8 @@ fused_conv), so a checkpoint loaded or a parameter changed after folding takes e
 
 What is folded:
 - torchvision's Bottleneck and BasicBlock and the stem (conv1/bn1/relu) at the top of an
-  IntermediateLayerGetter or a torchvision ResNet (folded_torchvision.py: static classes);
-- every structure in fold_recipes.RECIPES: timm's ResNet blocks and feature-extractor stem,
+  IntermediateLayerGetter or a torchvision ResNet (torchvision_blocks.py: static classes);
+- every structure in recipes.RECIPES: timm's ResNet blocks and feature-extractor stem,
   transformers' ResNet, RT-DETR's ResNet-vd and HGNetV2 conv units and residual layers. Each
   module folded by a recipe is first checked, on a small random input, to compute what it did.
 Blocks with another norm layer (a trainable nn.BatchNorm2d, another library's frozen BN),
@@ -222,7 +222,7 @@ def fold_frozen_bn(module: nn.Module, *, channels_last: Optional[bool] = None) -
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool or None, got {type(channels_last).__name__}")
     # channels_last is what the tensor cores and oneDNN's fused post-ops want; it measured faster
-    # on CPU (README: "Backbone folding and convert()").
+    # on CPU (docs/folding.md).
     result = fold(module, True if channels_last is None else channels_last)
     if result.skipped:
         warnings.warn("detr_fast.fold_frozen_bn left these unfolded: "

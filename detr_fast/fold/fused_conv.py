@@ -1,8 +1,8 @@
 """One convolution with a frozen BatchNorm folded into it, and its epilogue fused where possible.
 
 ``conv_bn(x, conv, bn, relu=..., residual=...)`` computes ``relu(bn(conv(x)) + residual)`` as a
-single convolution with the folded weights (fold_cache.py: derived at run time, cached, never in
-the state_dict).
+single convolution with the folded weights (cache.py: derived at run time, cached, never in
+the state_dict; recomputed.py while training).
 
 The epilogue (bias, residual add, ReLU) runs inside the convolution's own kernel when no autograd
 graph is needed (and not while compiling or exporting, which trace the plain folded convolution):
@@ -33,7 +33,7 @@ __all__ = ["clear_fold_cache", "conv_bn", "conv_bn_pieces", "foldable", "folded_
 
 # glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with fresh pages, one
 # page fault per 4 KiB, at every call: a concatenation that large costs more than convolving its
-# pieces one by one into one output (README "CPU": HGNetV2's first stage at 640x640).
+# pieces one by one into one output (docs/cpu-performance.md: HGNetV2's first stage at 640x640).
 FRESH_PAGES_BYTES = 32 * 2**20
 
 # (device type, dtype, memory format, epilogue) -> whether the fused op is usable there.

@@ -1,13 +1,13 @@
 """Folded convolutions on CPU through oneDNN: prepacked weights, fused epilogues, in-place residuals.
 
-Measured on a 2-core Zen 4 VM (ResNet-50 body, two 400x666 images; README "CPU"):
+Measured on a 2-core Zen 4 VM (ResNet-50 body, two 400x666 images; docs/cpu-performance.md):
 - Prepacked weights. Given a dense weight, oneDNN reorders it into its blocked format at every
   call (53 reorders, 94 MB per ResNet-50 forward). ``torch.ops.mkldnn._reorder_convolution_weight``
   does that once, for the format oneDNN's channels_last kernel wants for one input shape — the
   format depends on the shape, and a weight packed for another shape is correct but reordered
   again at every call (slowly), so weights are packed per input shape: a small LRU per conv, the
   packed tensors shared between shapes that want the same format. The packing follows the fold
-  cache (fold_cache.py): it is valid only for the folded weight tensor it was made from, which the
+  cache (cache.py): it is valid only for the folded weight tensor it was made from, which the
   fold cache replaces whenever a source tensor changes.
 - Fused epilogues: bias (+ residual add) (+ ReLU) inside the convolution
   (``_convolution_pointwise`` / ``.binary``), the downsample convolutions included.

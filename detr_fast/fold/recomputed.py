@@ -59,7 +59,8 @@ class _RecomputedFoldConv(torch.autograd.Function):
         folded = fold_weight(weight, scale, ctx.dtype, ctx.memory_format)
         stride, padding, dilation, groups = ctx.geometry
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        # Under autocast the forward convolved x cast to the folded weight's dtype: so does this.
+        # The forward convolved x in the folded weight's dtype (under autocast conv_bn folds into the
+        # autocast dtype, and autocast casts x to it): so does this.
         xin = x.to(folded.dtype)
         grad_x, grad_folded, grad_bias = torch.ops.aten.convolution_backward(
             grad.to(folded.dtype), xin, folded, [folded.shape[0]], list(stride), list(padding), list(dilation),

@@ -88,8 +88,15 @@ def stem_plan(children: "OrderedDict[str, nn.Module]", returned: List[str]) -> O
     return ("conv1", "bn1", "relu")
 
 
-def enter_layout(module: nn.Module, x: Tensor) -> Tensor:
-    if module.__dict__.get(CHANNELS_LAST_ATTR, False) and x.dim() == 4:
+def enter_layout(module: nn.Module, x: Tensor, channels_last: Optional[bool] = None) -> Tensor:
+    """``x`` in the layout a folded body runs in: channels_last for inference where the fold chose
+    it (``channels_last``, default: what folding recorded on ``module``); as it comes while the body
+    trains (grad enabled, a trainable parameter). In channels_last PyTorch's CPU convolutions gave
+    far less accurate training gradients: 3.8e-3 norm-wise from float64 against 5e-7 NCHW on a
+    ResNet-50 Joiner, upstream's own model in channels_last included (docs/training.md)."""
+    if channels_last is None:
+        channels_last = module.__dict__.get(CHANNELS_LAST_ATTR, False)
+    if channels_last and x.dim() == 4 and not (torch.is_grad_enabled() and _trains(module)):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -170,11 +177,7 @@ class FoldedIntermediateLayerGetter(IntermediateLayerGetter):
     def _folded(self, x: Tensor) -> Dict[str, Tensor]:
         like = memory_format_of(x)
         body_dtype = bn_dtype(self)
-        # Training (grad enabled, trainable layers): the whole body runs NCHW. In channels_last the
-        # gradients were far less accurate (ResNet-50, layers 2-4 trainable, 96x120 images: 3.8e-3
-        # norm-wise from float64 vs 5e-7 NCHW, upstream 7e-7; docs/training.md).
-        if not (torch.is_grad_enabled() and _trains(self)):
-            x = enter_layout(self, x)
+        x = enter_layout(self, x)  # NCHW while training (see enter_layout)
         stem = self.__dict__.get(STEM_ATTR)
         out: Dict[str, Tensor] = OrderedDict()
         for name, module in self.items():

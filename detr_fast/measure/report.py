@@ -6,7 +6,7 @@ from .timing import MIN_TRUSTED_RATIOS, TRUST_SPREAD
 
 # ---------------------------------------------------------------- the report
 
-# Environment variables that change how the CPU allocator reuses memory (see the README's CPU section).
+# Environment variables that change how the CPU allocator reuses memory (see docs/cpu-performance.md).
 ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                        "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "MALLOC_CONF", "LD_PRELOAD")
 
@@ -43,7 +43,7 @@ def notes(report: Dict) -> List[str]:
                          "between runs of this command by more than its p25-p75 shows (10-15% on the project's "
                          "2-core VM; more for code that allocates more): compare several runs. With "
                          "memory-keeping settings both run faster, and the speed-up is smaller and stable "
-                         "(README, CPU).")
+                         "(docs/cpu-performance.md).")
     if report.get("model", model_zoo.JOINER) not in model_zoo.JOINER_VARIANTS:
         return lines + _model_notes(report)
     masks = rows.get("masks")

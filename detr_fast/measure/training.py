@@ -4,10 +4,10 @@ lr_backbone > 0: layers 2-4 of the ResNet-50 trainable, the stem and layer1 froz
 frozen (FrozenBatchNorm2d); one step = forward of the Joiner (pad, backbone, masks, pos) and
 backward of a loss over all levels that reads the features and the position embeddings
 (``train_loss``). Implementations: "reference" (the unfolded Joiner), "detr_fast" (a
-``detr_fast.convert``-ed copy: the fold recomputed differentiably at every call for the trainable
-layers, cached and fused for the frozen stem and layer1), "compile" (torch.compile of the
-reference's forward + loss, no freezing: the weights train). Reduced precision = torch.autocast,
-float32 weights, as DETR's AMP users run it.
+``detr_fast.convert``-ed copy: the fold computed at every call for the trainable layers, its
+weight rebuilt in the backward (fold/recomputed.py), cached and fused for the frozen stem and
+layer1), "compile" (torch.compile of the reference's forward + loss, no freezing: the weights
+train). Reduced precision = torch.autocast, float32 weights, as DETR's AMP users run it.
 
 Also here: what the CPU is (``cpu_info``: vendor, family, model name, bf16/fp16 hardware) and
 whether autocast or training in a dtype can run on a device (``autocast_unavailable_reason``,
