@@ -140,7 +140,9 @@ def _levels_of(stage: str) -> Tuple[str, ...]:
     if stage == "pad":
         return ("images",)
     if stage in LEVEL_STAGES:
-        return tuple(f"s{s}" for s in STRIDES) + VARIANTS
+        # The level stages time DETR's sine embedding: DINO's (20/20 per axis) is timed inside the
+        # dino-4scale backbone and joiner rows, not here.
+        return tuple(f"s{s}" for s in STRIDES) + tuple(v for v in VARIANTS if v != "dino-4scale")
     return VARIANTS  # backbone, joiner, train
 
 
