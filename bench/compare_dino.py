@@ -10,13 +10,12 @@ repository root:
     python -m bench.compare_dino [pairs]
 """
 import copy
-import statistics
 import sys
 
 import torch
 
 import detr_fast
-from bench.ab import alternate, speedup
+from bench.ab import alternate, summary
 from tests.dino_reference import dino_joiner, dino_pad
 
 IMAGE_SIZES = ((320, 440), (290, 480))  # padded to 320 x 480: the first on the right, the second at the bottom
@@ -29,12 +28,11 @@ def main(pairs: int = 12) -> None:
     print(detr_fast.conversion_report(converted))
     gen = torch.Generator().manual_seed(0)
     images = [torch.randn(3, h, w, generator=gen) for h, w in IMAGE_SIZES]
-    sides = {"dino": lambda: dino(dino_pad(images)),
+    sides = {"DINO-style": lambda: dino(dino_pad(images)),
              "detr_fast": lambda: converted(detr_fast.nested_tensor_from_tensor_list(images))}
     with torch.no_grad():
         times = alternate(sides, pairs)
-    print(f"dino-4scale: DINO-style {statistics.median(times['dino']) * 1e3:.0f} ms, detr_fast "
-          f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, {speedup(times['dino'], times['detr_fast'])}")
+    print(f"dino-4scale: {summary(times)}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ Run from the repository root:
 
     python -m bench.compare_sine_hw [pairs] [threads]
 """
-import statistics
 import sys
 
 import torch
 
-from bench.ab import alternate, speedup
+from bench.ab import alternate, summary
 from detr_fast import NestedTensor, PositionEmbeddingSineHW, nested_tensor_from_tensor_list
 from detr_fast.sine.reference import downsample_mask_reference
 from detr_fast.sine.separable import level_sizes
@@ -55,9 +54,7 @@ def main(pairs: int = 30, threads: int = 2) -> None:
                     assert torch.equal(ours(x[j]), dino(x[j]))
                 with torch.no_grad():
                     times = alternate(sides, pairs)
-                print(f"T={th}/{tw} {name} ({how}): dino {statistics.median(times['dino']) * 1e3:.2f} ms, "
-                      f"detr_fast {statistics.median(times['detr_fast']) * 1e3:.2f} ms, "
-                      f"{speedup(times['dino'], times['detr_fast'])}")
+                print(f"T={th}/{tw} {name} ({how}): {summary(times, digits=2)}")
 
 
 if __name__ == "__main__":

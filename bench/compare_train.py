@@ -9,13 +9,12 @@ memory events. Run from the repository root:
 """
 import copy
 import json
-import statistics
 import sys
 
 import torch
 
 import detr_fast
-from bench.ab import alternate, speedup
+from bench.ab import alternate, summary
 from detr_fast.measure.training import autocast_unavailable_reason, cpu_info, cpu_peak_memory
 from tests.upstream_reference import DEFORMABLE_LAYERS, upstream_joiner, upstream_pad
 
@@ -41,8 +40,7 @@ def main(pairs: int = 6, scale: float = 1.0) -> None:
     sides = {"upstream": lambda: step(upstream, upstream_pad), "detr_fast": lambda: step(converted, pad)}
     times = alternate(sides, pairs)
     mem = {k: cpu_peak_memory(f)["peak_bytes"] / 2**20 for k, f in sides.items()}
-    print(f"train fp32: upstream {statistics.median(times['upstream']) * 1e3:.0f} ms, detr_fast "
-          f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, {speedup(times['upstream'], times['detr_fast'])}; "
+    print(f"train fp32: {summary(times)}; "
           f"peak MiB upstream {mem['upstream']:.0f}, detr_fast {mem['detr_fast']:.0f}", flush=True)
     reason = autocast_unavailable_reason(torch.device("cpu"), torch.bfloat16)
     if reason:
@@ -56,8 +54,7 @@ def main(pairs: int = 6, scale: float = 1.0) -> None:
             model(padder(images))
     sides = {"upstream": lambda: infer(upstream, upstream_pad), "detr_fast": lambda: infer(converted, pad)}
     times = alternate(sides, pairs)
-    print(f"inference bf16 autocast: upstream {statistics.median(times['upstream']) * 1e3:.0f} ms, detr_fast "
-          f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, {speedup(times['upstream'], times['detr_fast'])}",
+    print(f"inference bf16 autocast: {summary(times)}",
           flush=True)
 
 

@@ -8,13 +8,12 @@ pairs alternate their order. Run from the repository root:
     python -m bench.compare_upstream [pairs]
 """
 import copy
-import statistics
 import sys
 
 import torch
 
 import detr_fast
-from bench.ab import alternate, speedup
+from bench.ab import alternate, summary
 from tests.upstream_reference import DEFORMABLE_LAYERS, DETR_DETECTION_LAYERS, upstream_joiner, upstream_pad
 
 
@@ -29,9 +28,7 @@ def main(pairs: int = 12) -> None:
                  "detr_fast": lambda: converted(detr_fast.nested_tensor_from_tensor_list(images))}
         with torch.no_grad():
             times = alternate(sides, pairs)
-        print(f"{name}: upstream {statistics.median(times['upstream']) * 1e3:.0f} ms, detr_fast "
-              f"{statistics.median(times['detr_fast']) * 1e3:.0f} ms, "
-              f"{speedup(times['upstream'], times['detr_fast'])}")
+        print(f"{name}: {summary(times)}")
 
 
 if __name__ == "__main__":

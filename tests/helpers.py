@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
+from torch import nn
 
 # ---------------------------------------------------------------- kernel devices
 
@@ -131,3 +132,26 @@ def random_sizes(gen: torch.Generator, batch: int, height: int, width: int) -> L
             sizes.append((int(torch.randint(0, height + 1, (1,), generator=gen)),
                           int(torch.randint(0, width + 1, (1,), generator=gen))))
     return sizes
+
+
+class TinyBody(nn.Module):
+    """Three strided convolutions named like ResNet layers (strides 2, 4, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.layer3 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.layer4 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.layer4(self.layer3(self.layer2(x)))
+
+
+def tiny_joiner(embedding: nn.Module) -> nn.Module:
+    """detr_fast's Joiner over TinyBody (levels at strides 2, 4, 8) and ``embedding``, in eval mode."""
+    from detr_fast.backbone import MaskedBackboneBase
+    from detr_fast.joiner import JoinerBase
+
+    torch.manual_seed(0)
+    backbone = MaskedBackboneBase(TinyBody(), False, {"layer2": "0", "layer3": "1", "layer4": "2"})
+    return JoinerBase(backbone, embedding).eval()

@@ -335,6 +335,9 @@ def test_ab_alternates_the_order_and_summarises_the_per_pair_ratios():
     assert [len(t) for t in times.values()] == [3, 3]
     # Ratios 2, 3, 4 (slow / fast), hand-computed: median 3, p25 2, p75 3.
     assert ab.speedup([2.0, 6.0, 12.0], [1.0, 2.0, 3.0]) == "speed-up median 3.00x (p25 2.00, p75 3.00), pairs 3"
+    # Medians 6 s and 2 s, in ms, then the same ratios.
+    assert ab.summary({"ref": [2.0, 6.0, 12.0], "fast": [1.0, 2.0, 3.0]}) == \
+        "ref 6000 ms, fast 2000 ms, speed-up median 3.00x (p25 2.00, p75 3.00), pairs 3"
 
 
 @pytest.mark.transformers

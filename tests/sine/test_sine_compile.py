@@ -1,37 +1,15 @@
 """The Joiner's fused masks/pos stage, the custom op under torch.compile, and TorchScript."""
 import pytest
 import torch
-from torch import nn
 
 import detr_fast.sine.custom_op  # noqa: F401  (registers torch.ops.detr_fast.sine_masks_pos)
 from detr_fast import PositionEmbeddingLearned, PositionEmbeddingSine, nested_tensor_from_tensor_list
-from detr_fast.backbone import MaskedBackboneBase
-from detr_fast.joiner import JoinerBase
 from detr_fast.nested_tensor import NestedTensor
 from detr_fast.sine.reference import downsample_mask_reference
-from tests.helpers import kernel_devices
+from tests.helpers import kernel_devices, tiny_joiner
 
 DEVICES = kernel_devices()
 needs_kernels = pytest.mark.skipif(not DEVICES, reason="no device can run the Triton kernels here")
-
-
-class TinyBody(nn.Module):
-    """Three strided convolutions named like ResNet layers (strides 2, 4, 8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.layer3 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        self.layer4 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.layer4(self.layer3(self.layer2(x)))
-
-
-def joiner(embedding: nn.Module) -> JoinerBase:
-    torch.manual_seed(0)
-    backbone = MaskedBackboneBase(TinyBody(), False, {"layer2": "0", "layer3": "1", "layer4": "2"})
-    return JoinerBase(backbone, embedding).eval()
 
 
 def images(device="cpu"):
@@ -56,8 +34,8 @@ def test_fused_joiner_matches_reference_joiner(device, with_sizes):
     if not with_sizes:
         nt = NestedTensor(nt.tensors, nt.mask)
     kwargs = dict(normalize=True, offset=-0.5)
-    fast = joiner(PositionEmbeddingSine(8, backend="triton", **kwargs)).to(device)
-    ref = joiner(PositionEmbeddingSine(8, backend="torch", **kwargs)).to(device)
+    fast = tiny_joiner(PositionEmbeddingSine(8, backend="triton", **kwargs)).to(device)
+    ref = tiny_joiner(PositionEmbeddingSine(8, backend="torch", **kwargs)).to(device)
     with torch.no_grad():
         assert_same_levels(fast(nt), ref(nt))
         features = list(fast[0].body(nt.tensors).values())
@@ -73,8 +51,8 @@ def test_fused_joiner_matches_reference_joiner(device, with_sizes):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_joiner_low_precision_features(device):
     nt = nested_tensor_from_tensor_list(images(device))
-    fast = joiner(PositionEmbeddingSine(8, normalize=True, backend="triton")).to(device=device, dtype=torch.bfloat16)
-    ref = joiner(PositionEmbeddingSine(8, normalize=True, backend="torch")).to(device=device, dtype=torch.bfloat16)
+    fast, ref = (tiny_joiner(PositionEmbeddingSine(8, normalize=True, backend=backend))
+                 .to(device=device, dtype=torch.bfloat16) for backend in ("triton", "torch"))
     nt = NestedTensor(nt.tensors.to(torch.bfloat16), nt.mask, nt.image_sizes)
     with torch.no_grad():
         (_, pos), (_, ref_pos) = fast(nt), ref(nt)
@@ -87,14 +65,14 @@ def test_fused_joiner_low_precision_features(device):
 def test_generic_path_cpu_auto_and_learned():
     nt = nested_tensor_from_tensor_list(images())
     with torch.no_grad():
-        auto = joiner(PositionEmbeddingSine(8, normalize=True))
-        ref = joiner(PositionEmbeddingSine(8, normalize=True, backend="torch"))
+        auto = tiny_joiner(PositionEmbeddingSine(8, normalize=True))
+        ref = tiny_joiner(PositionEmbeddingSine(8, normalize=True, backend="torch"))
         assert_same_levels(auto(nt), ref(nt), atol=0.0)
         features = list(auto[0].body(nt.tensors).values())
         masks, pos = auto.masks_and_pos(nt, features)
         _, ref_pos = ref(nt)
         assert all(torch.equal(p, r) for p, r in zip(pos, ref_pos))
-        learned = joiner(PositionEmbeddingLearned(4))
+        learned = tiny_joiner(PositionEmbeddingLearned(4))
         out, pos = learned(nt)
         assert [p.shape[1] for p in pos] == [8, 8, 8]
         with pytest.raises(ValueError, match="batch"):
@@ -105,7 +83,7 @@ def test_generic_path_cpu_auto_and_learned():
 def test_torchscript_takes_reference_path():
     device = DEVICES[0]
     nt = nested_tensor_from_tensor_list(images(device))
-    fast = joiner(PositionEmbeddingSine(8, normalize=True, backend="triton")).to(device)
+    fast = tiny_joiner(PositionEmbeddingSine(8, normalize=True, backend="triton")).to(device)
     scripted = torch.jit.script(fast)
     with torch.no_grad():
         assert_same_levels(scripted(nt), fast(nt))
@@ -127,7 +105,7 @@ def test_compile_fullgraph_module_and_joiner():
     out = torch.compile(build_and_embed, fullgraph=True, backend="aot_eager")(nt.tensors, nt.mask, nt.image_sizes)
     assert (out - embedding.reference(nt.mask)).abs().max().item() <= 2e-5
 
-    fast = joiner(embedding).to(device)
+    fast = tiny_joiner(embedding).to(device)
 
     def run(x):
         out, pos = fast(x)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import detr_fast
 from detr_fast import (
@@ -20,8 +19,6 @@ from detr_fast import (
     nested_tensor_from_tensor_list,
     sine_position_embedding,
 )
-from detr_fast.backbone import MaskedBackboneBase
-from detr_fast.joiner import JoinerBase
 from detr_fast.sine import position_encoding
 from detr_fast.sine.custom_op import sine_masks_pos
 from detr_fast.sine.reference import (
@@ -34,7 +31,7 @@ from detr_fast.sine.reference import (
 from detr_fast.sine.separable import sine_embedding_separable
 from tests.dino_reference import PositionEmbeddingSineHW as DinoPositionEmbeddingSineHW
 from tests.dino_reference import dino_sine_hw_float64
-from tests.helpers import kernel_devices, random_sizes, rect_mask
+from tests.helpers import kernel_devices, random_sizes, rect_mask, tiny_joiner
 
 DEVICES = kernel_devices()
 needs_kernels = pytest.mark.skipif(not DEVICES, reason="no device can run the Triton kernels here")
@@ -332,26 +329,10 @@ def test_reassigned_attributes_take_effect():
 # ---------------------------------------------------------------- the Joiner
 
 
-class TinyBody(nn.Module):
-    """Three strided convolutions named like ResNet layers (strides 2, 4, 8)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.layer3 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        self.layer4 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.layer4(self.layer3(self.layer2(x)))
-
-
 @pytest.mark.parametrize("backend", ["auto"] + (["triton"] if DEVICES else []))
 def test_joiner_fuses_masks_and_pos_for_hw(backend, monkeypatch):
     device = DEVICES[0] if backend == "triton" else "cpu"
-    torch.manual_seed(0)
-    backbone = MaskedBackboneBase(TinyBody(), False, {"layer2": "0", "layer3": "1", "layer4": "2"})
-    joiner = JoinerBase(backbone, PositionEmbeddingSineHW(8, 20, 10000, normalize=True, backend=backend))
-    joiner = joiner.eval().to(device)
+    joiner = tiny_joiner(PositionEmbeddingSineHW(8, 20, 10000, normalize=True, backend=backend)).to(device)
     reused = []
     original = position_encoding.precomputed_pos
 
