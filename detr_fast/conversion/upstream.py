@@ -25,7 +25,7 @@ stage whose forward names a class TorchScript cannot take so is left as it was (
 import inspect
 import typing
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -169,37 +169,41 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
     return got.shape == want.shape and torch.allclose(got, want.float(), rtol=1e-5, atol=1e-5)
 
 
-def _find_hw(pos: nn.Module) -> Optional[PositionEmbeddingSineHW]:
-    """detr_fast's PositionEmbeddingSineHW reproducing DINO's ``pos`` on a probe mask, else None."""
+def _matching(pos: nn.Module, candidates: Callable[[], Iterator[PositionEmbeddingSine]]
+              ) -> Optional[PositionEmbeddingSine]:
+    """The first of detr_fast's ``candidates`` whose reference reproduces ``pos`` on a probe mask,
+    else None (also when ``pos`` or a candidate raises: an unusual embedding, reported by the caller)."""
     mask, probe = _probe_mask()
     try:
         with torch.no_grad():
             want = pos(probe)
-            normalize = bool(pos.normalize)
-            scale = float(pos.scale) if normalize and pos.scale is not None else None
-            candidate = PositionEmbeddingSineHW(int(pos.num_pos_feats), float(pos.temperatureH),
-                                                float(pos.temperatureW), normalize, scale)
-            got = candidate(NestedTensor(torch.zeros(2, 1, 6, 9), mask.clone()))
-        return candidate if _same(got, want) else None
-    except Exception:  # an unusual embedding: not convertible, reported by the caller
+            for candidate in candidates():
+                if _same(candidate.reference(mask), want):
+                    return candidate
+    except Exception:
         return None
+    return None
+
+
+def _find_hw(pos: nn.Module) -> Optional[PositionEmbeddingSineHW]:
+    """detr_fast's PositionEmbeddingSineHW reproducing DINO's ``pos`` on a probe mask, else None."""
+    def candidates() -> Iterator[PositionEmbeddingSine]:
+        normalize = bool(pos.normalize)
+        scale = float(pos.scale) if normalize and pos.scale is not None else None
+        yield PositionEmbeddingSineHW(int(pos.num_pos_feats), float(pos.temperatureH), float(pos.temperatureW),
+                                      normalize, scale)
+    return _matching(pos, candidates)
 
 
 def _find_offset(pos: nn.Module) -> Optional[PositionEmbeddingSine]:
-    """detr_fast's PositionEmbeddingSine reproducing ``pos`` on a probe mask, else None."""
-    mask, probe = _probe_mask()
-    try:
-        with torch.no_grad():
-            want = pos(probe)
+    """detr_fast's PositionEmbeddingSine reproducing ``pos`` on a probe mask (DETR's or
+    Deformable-DETR's offset), else None."""
+    def candidates() -> Iterator[PositionEmbeddingSine]:
         scale = float(pos.scale) if pos.scale is not None else None
         for offset in _OFFSET_CANDIDATES:
-            candidate = PositionEmbeddingSine(int(pos.num_pos_feats), float(pos.temperature), bool(pos.normalize),
-                                              scale if pos.normalize else None, offset=offset, backend="auto")
-            if _same(candidate.reference(mask), want):
-                return candidate
-    except Exception:  # an unusual embedding: not convertible, reported by the caller
-        return None
-    return None
+            yield PositionEmbeddingSine(int(pos.num_pos_feats), float(pos.temperature), bool(pos.normalize),
+                                        scale if pos.normalize else None, offset=offset, backend="auto")
+    return _matching(pos, candidates)
 
 
 def _convert_embedding(joiner: nn.Sequential, path: str, undo: Undo, report: ConversionReport) -> None:
