@@ -15,7 +15,8 @@ import torch
 
 import detr_fast
 from bench.ab import alternate, summary
-from detr_fast.measure.training import autocast_unavailable_reason, cpu_info, cpu_peak_memory
+from detr_fast.measure.machine import cpu_info
+from detr_fast.measure.training import autocast_unavailable_reason, cpu_peak_memory
 from tests.upstream_reference import DEFORMABLE_LAYERS, upstream_joiner, upstream_pad
 
 

@@ -24,9 +24,10 @@ from .implementations import (
     make_fast_model,
     onnxruntime_unavailable_reason,
 )
+from .machine import cpu_info, cpu_label, device_name
 from .model_zoo import NotMeasured, Unavailable
-from .stages import Runner, build, device_name
-from .training import autocast_unavailable_reason, cpu_info, cpu_label, train_unavailable_reason
+from .stages import Runner, build
+from .training import autocast_unavailable_reason, train_unavailable_reason
 
 __all__ = [
     "BENCH_MODELS", "DTYPES", "IMPLS", "MODEL_STAGE", "NETWORK_STAGES", "POS_CHANNELS", "STAGES", "TRAIN_STAGE",

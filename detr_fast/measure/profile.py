@@ -49,10 +49,10 @@ from .implementations import (
     make_fast_joiner,
     make_fast_model,
 )
+from .machine import cpu_info, device_name
 from .report import ALLOCATOR_VARIABLES, notes
-from .stages import device_name
 from .timing import MIN_STAGE_SECONDS, in_range, interleave, nvtx_range, peak_memory, quantile, ratio_summary
-from .training import PARTS, cpu_info, gradient_error, step_peak_memory, train_step
+from .training import PARTS, gradient_error, step_peak_memory, train_step
 
 CPU_DEFAULT_SCALE = 0.5     # a 2-core CPU runs the full size in minutes, not about one
 CPU_DEFAULT_REPS = 12       # the backbone and total take ~1.3 s a pair on 2 cores at scale 0.5

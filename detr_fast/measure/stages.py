@@ -38,7 +38,6 @@ Reduced precision (bfloat16, float16) in the benchmarks means what a user does: 
 the Joiner run under torch.autocast with float32 weights and images; pad copies images of that
 dtype; pos is written in the features' dtype. The profile instead casts the weights and images.
 """
-import platform
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
 
@@ -166,17 +165,3 @@ def build(case: Case, impl: str, device: torch.device) -> Runner:
 
 
 # ---------------------------------------------------------------- the machine
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"

@@ -9,14 +9,12 @@ weight rebuilt in the backward (fold/recomputed.py), cached and fused for the fr
 layer1), "compile" (torch.compile of the reference's forward + loss, no freezing: the weights
 train). Reduced precision = torch.autocast, float32 weights, as DETR's AMP users run it.
 
-Also here: what the CPU is (``cpu_info``: vendor, family, model name, bf16/fp16 hardware) and
-whether autocast or training in a dtype can run on a device (``autocast_unavailable_reason``,
+Also here: whether autocast or training in a dtype can run on a device (``autocast_unavailable_reason``,
 ``train_unavailable_reason``), and the peak memory of a call on CPU (``cpu_peak_memory``: the
 profiler's memory events).
 """
 import contextlib
 import functools
-import platform
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -27,57 +25,13 @@ from ..backbone import Joiner
 from ..nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 from ..sine import pad_images_reference
 from .implementations import build_reference_joiner, compile_unavailable_reason, make_fast_joiner
+from .machine import cpu_info
 from .model_zoo import Unavailable
 from .timing import peak_memory
 
 TRAIN_STAGE = "train"
 TRAIN_IMPLS = ("reference", "detr_fast", "compile")
 PARTS = ("forward", "backward")
-
-# ---------------------------------------------------------------- the CPU
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-FP16_FLAGS = ("avx512_fp16", "amx_fp16")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_info() -> Dict[str, Any]:
-    """The CPU that produced the numbers: vendor, family, model, model name (from /proc/cpuinfo where
-    there is one), its bf16 / fp16 instruction flags and torch's CPU capability."""
-    info: Dict[str, Any] = {"vendor": None, "family": None, "model": None,
-                            "model_name": platform.processor() or platform.machine()}
-    flags: List[str] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "vendor_id" and info["vendor"] is None:
-                    info["vendor"] = value
-                elif key == "cpu family" and info["family"] is None:
-                    info["family"] = value
-                elif key == "model" and info["model"] is None:
-                    info["model"] = value
-                elif key == "model name":
-                    info["model_name"] = value
-                elif key == "flags" and not flags:
-                    flags = value.split()
-    except OSError:
-        pass
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    info["torch_capability"] = capability() if capability else None
-    info["bf16_flags"] = [f for f in BF16_FLAGS if f in flags]
-    info["fp16_flags"] = [f for f in FP16_FLAGS if f in flags]
-    info["cores"] = torch.get_num_threads()
-    return info
-
-
-def cpu_label() -> str:
-    """'model name (vendor family F model M; bf16: flags)' for tables and logs."""
-    info = cpu_info()
-    return (f"{info['model_name']} ({info['vendor']} family {info['family']} model {info['model']}; "
-            f"bf16: {','.join(info['bf16_flags']) or 'none'}; torch {info['torch_capability']})")
-
 
 def _mkldnn_says(name: str) -> Optional[bool]:
     fn = getattr(getattr(torch.ops, "mkldnn", None), name, None)
