@@ -6,9 +6,10 @@ Recognised by structure and by probing what a module computes, never by class na
   forward takes (pixel_values, pixel_mask) — DetrConvEncoder, RTDetrConvEncoder, ... Its frozen
   BN (DetrFrozenBatchNorm2d, RTDetrFrozenBatchNorm2d, ...) becomes detr_fast's over the same
   buffers, the backbone is folded (timm's ResNet, transformers' ResNet, ResNet-vd, HGNetV2: see
-  fold/recipes.py) and the encoder's class gets detr_fast's forward (channels_last inside, features
-  back in transformers' layout and dtype). A backbone with trainable nn.BatchNorm2d (RT-DETR's
-  freeze_backbone_batch_norms=False) is left as it is: folding would change what training does.
+  fold/recipes.py) and the encoder's class gets detr_fast's forward (channels_last inside for inference,
+  the input's layout while training; features back in transformers' layout and dtype). A backbone
+  with trainable nn.BatchNorm2d (RT-DETR's freeze_backbone_batch_norms=False) is left as it is:
+  folding would change what training does.
 - a sine embedding: a module without parameters, with ``temperature`` (or DAB-DETR's
   ``temperature_height``/``temperature_width``) and either call convention —
   ``forward(shape, device, dtype, mask=None)`` or ``forward(pixel_values, pixel_mask)``. Its
